@@ -1,0 +1,1 @@
+"""ember: fal.ai-compatible diffusion serving on Triton."""
