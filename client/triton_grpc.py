@@ -1,0 +1,77 @@
+"""Call the `lcm` Triton model directly over gRPC, without the gateway.
+
+    python client/triton_grpc.py --url 127.0.0.1:8001 --prompt "a black cat" --out cat.png
+
+The model is decoupled: it streams one response per denoising step (PROGRESS = [step, total]) and
+then one with IMAGES (batch, num_images, H, W, 3) uint8, NSFW and TIMINGS (JSON). Every input has
+a leading batch dimension of 1; Triton's dynamic batcher groups concurrent requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from PIL import Image
+from tritonclient.utils import np_to_triton_dtype
+
+
+def _input(name: str, value: np.ndarray) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+    tensor.set_data_from_numpy(value)
+    return tensor
+
+
+async def generate(url: str, prompt: str, seed: int, steps: int, width: int, height: int) -> dict:
+    client = grpcclient.InferenceServerClient(url=url)
+    inputs = [
+        _input("PROMPT", np.array([[prompt.encode()]], dtype=np.object_)),
+        _input("SEED", np.array([[seed]], dtype=np.int64)),
+        _input("NUM_INFERENCE_STEPS", np.array([[steps]], dtype=np.int32)),
+        _input("WIDTH", np.array([[width]], dtype=np.int32)),
+        _input("HEIGHT", np.array([[height]], dtype=np.int32)),
+    ]
+
+    async def requests():
+        yield {"model_name": "lcm", "inputs": inputs, "request_id": f"grpc-{seed}"}
+
+    out: dict = {"progress": []}
+    try:
+        async for result, error in client.stream_infer(inputs_iterator=requests()):
+            if error is not None:
+                raise RuntimeError(error.message())
+            progress = result.as_numpy("PROGRESS")
+            if progress is not None:
+                out["progress"].append(progress.reshape(-1).tolist())
+                continue
+            out["images"] = result.as_numpy("IMAGES")[0]  # (num_images, H, W, 3)
+            out["nsfw"] = result.as_numpy("NSFW")[0].tolist()
+            out["timings"] = json.loads(result.as_numpy("TIMINGS").reshape(-1)[0])
+            break
+    finally:
+        await client.close()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="127.0.0.1:8001")
+    parser.add_argument("--prompt", default="a black cat with glowing eyes")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--out", default="lcm.png")
+    args = parser.parse_args()
+    out = asyncio.run(generate(args.url, args.prompt, args.seed, args.steps, args.width, args.height))
+    for step, total in out["progress"]:
+        print(f"step {step}/{total}")
+    Image.fromarray(out["images"][0]).save(args.out)
+    print(f"saved {args.out}; timings {out['timings']}")
+
+
+if __name__ == "__main__":
+    main()
