@@ -1,0 +1,89 @@
+"""fal-ai/lcm's schema, field by field, against ../shared/fal-schemas.md §5."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from ember.endpoints.common import IMAGE_SIZE_PRESETS, InputError, resolve_image_size
+from ember.endpoints.lcm.schema import LcmInput, LcmOutput
+from ember.endpoints.lcm.translate import LcmEndpoint
+
+DEFAULTS = {
+    "model": "sdv1-5", "image_url": None, "mask_url": None, "strength": 0.8, "negative_prompt": "",
+    "seed": None, "guidance_scale": 1, "num_inference_steps": 4, "image_size": None, "sync_mode": False,
+    "num_images": 1, "enable_safety_checks": True, "request_id": "", "inpaint_mask_only": False,
+    "controlnet_inpaint": False, "lora_url": None, "lora_scale": 1,
+}
+
+
+def test_every_field_and_default() -> None:
+    inp = LcmInput(prompt="a cat")
+    assert set(LcmInput.model_fields) == set(DEFAULTS) | {"prompt"}
+    for name, value in DEFAULTS.items():
+        assert getattr(inp, name) == value, name
+    assert LcmInput.model_json_schema()["required"] == ["prompt"]
+
+
+@pytest.mark.parametrize(
+    "field, bad, good",
+    [
+        ("strength", [-0.1, 1.01], [0, 1]),
+        ("guidance_scale", [-1, 8.5], [0, 8]),
+        ("num_inference_steps", [0, 13], [1, 12]),
+        ("num_images", [0, 9], [1, 8]),
+        ("model", ["sd2", ""], ["sdxl", "sdv1-5"]),
+        ("image_size", ["square_xl", {"width": 0}, {"width": 14143}], list(IMAGE_SIZE_PRESETS) + [{"width": 64, "height": 64}]),
+        ("seed", [-1, 2**63, "abc"], [0, 2**63 - 1]),
+    ],
+)
+def test_ranges_and_enums(field: str, bad: list, good: list) -> None:
+    for value in bad:
+        with pytest.raises(ValidationError) as info:
+            LcmInput(prompt="x", **{field: value})
+        assert info.value.errors()[0]["loc"][0] == field
+    for value in good:
+        LcmInput(prompt="x", **{field: value})
+
+
+def test_image_size_resolution() -> None:
+    assert resolve_image_size(None, (512, 512)) == (512, 512)
+    assert resolve_image_size("landscape_16_9", (512, 512)) == (1024, 576)
+    custom = LcmInput(prompt="x", image_size={"width": 640, "height": 384}).image_size
+    assert resolve_image_size(custom, (512, 512)) == (640, 384)
+    with pytest.raises(InputError) as info:
+        resolve_image_size(LcmInput(prompt="x", image_size={"width": 100, "height": 64}).image_size, (512, 512))
+    assert info.value.loc == ("body", "image_size", "width")
+    with pytest.raises(InputError):
+        resolve_image_size(LcmInput(prompt="x", image_size={"width": 4096, "height": 4096}).image_size, (512, 512))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"model": "sdxl"}, {"image_url": "data:image/png;base64,AAAA"}, {"mask_url": "https://x/m.png"},
+     {"lora_url": "https://x/l.safetensors"}, {"inpaint_mask_only": True}, {"controlnet_inpaint": True}],
+)
+def test_modes_not_served_yet_are_refused_by_name(fields: dict) -> None:
+    with pytest.raises(InputError) as info:
+        LcmEndpoint().check(LcmInput(prompt="x", **fields))
+    assert info.value.loc == ("body", next(iter(fields)))
+    assert "not supported yet" in info.value.msg
+
+
+def test_to_triton_tensors_match_the_model_config() -> None:
+    tensors = LcmEndpoint().to_triton(LcmInput(prompt="a cat", image_size="portrait_4_3", num_images=3), 42)
+    assert tensors["WIDTH"].tolist() == [[768]] and tensors["HEIGHT"].tolist() == [[1024]]
+    assert tensors["SEED"].dtype == np.int64 and tensors["NUM_IMAGES"].tolist() == [[3]]
+    assert all(t.shape == (1, 1) for t in tensors.values())
+    config = open("model_repository/lcm/config.pbtxt").read()
+    for name, array in tensors.items():
+        assert f'name: "{name}"' in config
+
+
+def test_output_shape() -> None:
+    out = LcmOutput(images=[{"url": "u", "width": 1, "height": 1}], timings={"inference": 0.1}, seed=1,
+                    nsfw_content_detected=[False])
+    dumped = out.model_dump()
+    assert dumped["images"][0]["content_type"] == "image/jpeg"
+    assert dumped["num_inference_steps"] == 4 and dumped["request_id"] == ""
