@@ -8,6 +8,7 @@ The same `Stack` starts the server for the end-to-end tests.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -161,11 +162,17 @@ def _http_ok(url: str, cafile: Path | None = None) -> bool:
         return False
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Start Triton + the gateway (make serve).")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="build demo weights and exports, then exit (the Triton container's entrypoint)")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = get_settings()
     log.info("weights=%s runtime=%s var=%s", settings.weights, settings.runtime, settings.var_dir.resolve())
     build_artifacts(settings)
+    if args.prepare_only:
+        return 0
     stack = Stack(settings)
     stopping = False
 
