@@ -1,0 +1,226 @@
+"""The one way the gateway fetches a URL a request names (image_url, mask_url, weight files).
+
+Untrusted by default (DESIGN.md "Security defaults"):
+- schemes: `http`, `https` and `data:` only;
+- every address the host resolves to must be public: loopback, private, link-local (cloud metadata),
+  CGNAT, multicast, reserved and unspecified are refused, IPv4-mapped / NAT64 IPv6 unwrapped first;
+- the connection goes to the address that was checked (the URL is rewritten to the IP, with the
+  Host header and TLS SNI kept on the name), so a DNS answer that changes between check and connect
+  (rebinding) cannot reach an internal address;
+- redirects are followed by hand, each hop checked again, at most `max_redirects`;
+- a byte limit (checked on Content-Length and while streaming) and a total time limit.
+
+`allow` lists hosts or networks that may be private, for private deployments and for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass, field
+from urllib.parse import unquote_to_bytes, urljoin, urlsplit, urlunsplit
+
+import httpx
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class FetchError(ValueError):
+    """The URL cannot be fetched; `msg` is safe to show to the caller."""
+
+    def __init__(self, msg: str, kind: str = "url_fetch_error") -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Fetched:
+    data: bytes
+    content_type: str
+    url: str  # the final URL after redirects (data: URIs: "data:")
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    max_bytes: int = 20 * 1024 * 1024
+    timeout_s: float = 20.0
+    max_redirects: int = 5
+    # Hosts ("files.internal") or networks ("10.0.0.0/8", "127.0.0.1/32") exempt from the public-address rule.
+    allow: tuple[str, ...] = ()
+    _networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(init=False, repr=False)
+    _hosts: frozenset[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        networks, hosts = [], set()
+        for entry in self.allow:
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                hosts.add(entry.lower().rstrip("."))
+        object.__setattr__(self, "_networks", tuple(networks))
+        object.__setattr__(self, "_hosts", frozenset(hosts))
+
+    def host_allowed(self, host: str) -> bool:
+        return host.lower().rstrip(".") in self._hosts
+
+    def address_allowed(self, address: IPAddress) -> bool:
+        return any(address in net for net in self._networks if net.version == address.version)
+
+
+def unwrap(address: IPAddress) -> IPAddress:
+    """The IPv4 address inside an IPv4-mapped (::ffff:a.b.c.d) or NAT64 (64:ff9b::a.b.c.d) address."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address in _NAT64:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
+def is_public(address: IPAddress) -> bool:
+    address = unwrap(address)
+    return (
+        address.is_global
+        and not address.is_multicast
+        and not address.is_reserved
+        and not address.is_unspecified
+        and not address.is_loopback
+        and not address.is_link_local
+        and not address.is_private
+    )
+
+
+def parse_data_uri(uri: str, max_bytes: int) -> Fetched:
+    """`data:[<mediatype>][;base64],<data>` with the size checked before decoding."""
+    header, sep, payload = uri[5:].partition(",")
+    if not sep:
+        raise FetchError("malformed data URI: no ',' separator", "invalid_data_uri")
+    params = header.split(";")
+    content_type = params[0].strip() or "text/plain"
+    is_base64 = any(p.strip().lower() == "base64" for p in params[1:])
+    # base64 makes 3 bytes of 4 characters: refuse before decoding anything too large.
+    if (len(payload) * 3 // 4 if is_base64 else len(payload)) > max_bytes:
+        raise FetchError(f"data URI is larger than {max_bytes} bytes", "file_too_large")
+    try:
+        if is_base64:
+            data = base64.b64decode(payload.strip(), validate=False)
+        else:
+            data = unquote_to_bytes(payload)
+    except (binascii.Error, ValueError) as exc:
+        raise FetchError(f"malformed data URI: {exc}", "invalid_data_uri") from exc
+    return Fetched(data, content_type, "data:")
+
+
+class Fetcher:
+    def __init__(self, policy: FetchPolicy | None = None, user_agent: str = "ember-fetcher/1") -> None:
+        self.policy = policy or FetchPolicy()
+        self._client = httpx.AsyncClient(
+            follow_redirects=False, trust_env=False, headers={"User-Agent": user_agent}
+        )
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def fetch(self, url: str) -> Fetched:
+        if url.startswith("data:"):
+            return parse_data_uri(url, self.policy.max_bytes)
+        deadline = time.monotonic() + self.policy.timeout_s
+        try:
+            async with asyncio.timeout(self.policy.timeout_s):
+                for _ in range(self.policy.max_redirects + 1):
+                    status, location, content_type, data = await self._get_once(url, deadline)
+                    if status in (301, 302, 303, 307, 308) and location:
+                        url = urljoin(url, location)
+                        continue
+                    if status >= 400:
+                        raise FetchError(f"fetching {url} answered HTTP {status}", "url_fetch_error")
+                    return Fetched(data, content_type, url)
+        except TimeoutError as exc:
+            raise FetchError(
+                f"fetching {url} took longer than {self.policy.timeout_s:.0f} s", "url_timeout"
+            ) from exc
+        raise FetchError(f"more than {self.policy.max_redirects} redirects from {url}", "url_fetch_error")
+
+    async def resolve(self, host: str, port: int) -> list[IPAddress]:
+        """All addresses of `host`, each checked; refuses the host if any is not public."""
+        try:
+            literal = ipaddress.ip_address(host.strip("[]"))
+            addresses: list[IPAddress] = [literal]
+        except ValueError:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise FetchError(f"cannot resolve host {host!r}", "url_fetch_error") from exc
+            addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
+        if not addresses:
+            raise FetchError(f"cannot resolve host {host!r}", "url_fetch_error")
+        if self.policy.host_allowed(host):
+            return addresses
+        for address in addresses:
+            if not (is_public(address) or self.policy.address_allowed(unwrap(address))):
+                raise FetchError(
+                    f"{host!r} resolves to a non-public address; URLs must point to the public internet",
+                    "url_not_allowed",
+                )
+        return addresses
+
+    async def _get_once(self, url: str, deadline: float) -> tuple[int, str | None, str, bytes]:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise FetchError(
+                f"URL scheme {parts.scheme!r} is not allowed (http, https or data: only)", "url_not_allowed"
+            )
+        if not parts.hostname:
+            raise FetchError(f"URL {url!r} has no host", "url_not_allowed")
+        if parts.username or parts.password:
+            raise FetchError("URLs with credentials are not allowed", "url_not_allowed")
+        host = parts.hostname
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        address = (await self.resolve(host, port))[0]
+        # Connect to the checked address; keep the name for Host and for TLS (SNI + certificate).
+        ip_host = f"[{address}]" if address.version == 6 else str(address)
+        netloc = f"{ip_host}:{port}"
+        pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+        host_header = host if parts.port is None else f"{host}:{parts.port}"
+        request = self._client.build_request(
+            "GET",
+            pinned,
+            headers={"Host": host_header},
+            extensions={
+                "sni_hostname": host,
+                "timeout": {
+                    "connect": 10.0,
+                    "read": max(0.1, deadline - time.monotonic()),
+                    "write": 10.0,
+                    "pool": 10.0,
+                },
+            },
+        )
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise FetchError(f"could not fetch {url}: {type(exc).__name__}", "url_fetch_error") from exc
+        try:
+            if response.is_redirect:
+                return response.status_code, response.headers.get("location"), "", b""
+            length = response.headers.get("content-length")
+            if length and length.isdigit() and int(length) > self.policy.max_bytes:
+                raise FetchError(f"{url} is larger than {self.policy.max_bytes} bytes", "file_too_large")
+            chunks, size = [], 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > self.policy.max_bytes:
+                    raise FetchError(f"{url} is larger than {self.policy.max_bytes} bytes", "file_too_large")
+                chunks.append(chunk)
+            content_type = response.headers.get("content-type", "application/octet-stream").split(";")[0]
+            return response.status_code, None, content_type.strip(), b"".join(chunks)
+        except httpx.HTTPError as exc:
+            raise FetchError(f"could not fetch {url}: {type(exc).__name__}", "url_fetch_error") from exc
+        finally:
+            await response.aclose()
