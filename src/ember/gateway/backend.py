@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import tritonclient.grpc.aio as grpcclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+import tritonclient.grpc.aio as grpcclient  # type: ignore[import-untyped]
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype  # type: ignore[import-untyped]
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,9 @@ class BackendError(Exception):
 class Backend(Protocol):
     def generate(
         self, model: str, inputs: dict[str, np.ndarray], request_id: str
-    ) -> AsyncIterator[Progress | Final]:
-        """Progress events, then exactly one Final. Closing the iterator early cancels the request."""
+    ) -> AsyncGenerator[Progress | Final, None]:
+        """Progress events, then exactly one Final. Closing the generator early (`aclose()`, which
+        the worker does through `contextlib.aclosing`) cancels the request."""
         ...
 
     async def ready(self, models: list[str]) -> bool: ...
@@ -85,7 +86,7 @@ class TritonBackend:
 
     async def generate(
         self, model: str, inputs: dict[str, np.ndarray], request_id: str
-    ) -> AsyncIterator[Progress | Final]:
+    ) -> AsyncGenerator[Progress | Final, None]:
         infer_inputs = []
         for name, array in inputs.items():
             tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
@@ -121,7 +122,9 @@ class TritonBackend:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # grpc.aio.AioRpcError and friends: the server went away
-            raise BackendError("unavailable", f"inference server: {exc}") from exc
+            details = getattr(exc, "details", None)  # AioRpcError's one-line reason; str() is multi-line
+            reason = details() if callable(details) else str(exc)
+            raise BackendError("unavailable", f"inference server: {reason}") from exc
         finally:
             if not finished:
                 # Consumer stopped early (job cancelled, client gone): cancel the Triton request.
@@ -135,7 +138,7 @@ class TritonBackend:
                 if not await self._client.is_model_ready(model):
                     return False
             return True
-        except Exception:  # connection refused while Triton (re)starts
+        except Exception:  # noqa: BLE001 - connection refused while Triton (re)starts
             return False
 
     async def close(self) -> None:

@@ -1,0 +1,273 @@
+"""Jobs: every accepted request, sync run or queued, persisted in SQLite before it is answered.
+
+The store keeps the unfinished jobs (and a few thousand recently finished ones) in memory, so status
+polls at ~10 req/s per waiting client read no disk. SQLite runs on one dedicated thread (WAL,
+synchronous=NORMAL: a committed job survives a crash of the process). Logs of a running job live in
+memory and are written with each state change; a job interrupted by a crash is re-run anyway.
+
+States are fal's three (fal-protocol.md §5.2); a failed or cancelled job is COMPLETED with an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import sqlite3
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from ember.gateway.errors import ApiError
+from ember.gateway.paths import app_of
+
+log = logging.getLogger(__name__)
+
+# Finished jobs kept in memory for the polls that follow completion (status again, then result); the
+# byte bound matters for sync_mode results, which carry their images as data URIs.
+RECENT_JOBS = 4096
+RECENT_BYTES = 64 * 1024 * 1024
+
+Mode = Literal["run", "queue"]
+Priority = Literal["normal", "low"]
+
+
+class Status(StrEnum):
+    IN_QUEUE = "IN_QUEUE"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+
+
+def log_entry(message: str, level: str = "INFO") -> dict[str, str]:
+    """One fal `RequestLog` (fal-protocol.md §5.2)."""
+    return {"message": message, "level": level, "source": "USER",
+            "timestamp": dt.datetime.now(dt.UTC).isoformat()}
+
+
+@dataclass
+class Job:
+    id: str
+    endpoint_id: str
+    subpath: str
+    mode: Mode
+    input: dict[str, Any]
+    seed: int
+    priority: Priority = "normal"
+    webhook_url: str | None = None
+    # X-Fal-Request-Timeout: seconds the request may wait before it starts (kept; enforced later).
+    start_timeout: float | None = None
+    runner_hint: str | None = None
+    status: Status = Status.IN_QUEUE
+    attempts: int = 0
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    inference_time: float | None = None
+    logs: list[dict[str, str]] = field(default_factory=list)
+    # The output JSON text, exactly as answered.
+    result: str | None = None
+    error: ApiError | None = None
+
+    @property
+    def app(self) -> str:
+        return app_of(self.endpoint_id)
+
+
+_COLUMNS = (
+    "id", "endpoint", "subpath", "mode", "input", "seed", "priority", "webhook_url", "start_timeout",
+    "runner_hint", "status", "attempts", "created_at", "started_at", "finished_at", "inference_time",
+    "logs", "result", "error",
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    endpoint TEXT NOT NULL,
+    subpath TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    input TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    priority TEXT NOT NULL,
+    webhook_url TEXT,
+    start_timeout REAL,
+    runner_hint TEXT,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    inference_time REAL,
+    logs TEXT NOT NULL,
+    result TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (created_at) WHERE status != 'COMPLETED';
+"""
+
+
+def _row(job: Job) -> tuple[Any, ...]:
+    return (
+        job.id, job.endpoint_id, job.subpath, job.mode, json.dumps(job.input), job.seed, job.priority,
+        job.webhook_url, job.start_timeout, job.runner_hint, job.status.value, job.attempts, job.created_at,
+        job.started_at, job.finished_at, job.inference_time, json.dumps(job.logs), job.result,
+        json.dumps(job.error.to_record()) if job.error else None,
+    )
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"], endpoint_id=row["endpoint"], subpath=row["subpath"], mode=row["mode"],
+        input=json.loads(row["input"]), seed=row["seed"], priority=row["priority"],
+        webhook_url=row["webhook_url"], start_timeout=row["start_timeout"], runner_hint=row["runner_hint"],
+        status=Status(row["status"]), attempts=row["attempts"], created_at=row["created_at"],
+        started_at=row["started_at"], finished_at=row["finished_at"], inference_time=row["inference_time"],
+        logs=json.loads(row["logs"]), result=row["result"],
+        error=ApiError.from_record(json.loads(row["error"])) if row["error"] else None,
+    )
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+class JobStore:
+    """Jobs by id; every state change goes through one of the transition methods below."""
+
+    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+        self._conn = conn
+        self._executor = executor
+        self.active: dict[str, Job] = {}
+        self._recent: OrderedDict[str, Job] = OrderedDict()
+        self._recent_bytes = 0
+        self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
+
+    @classmethod
+    async def open(cls, path: Path) -> JobStore:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobs-db")
+        conn = await asyncio.get_running_loop().run_in_executor(executor, _connect, path)
+        return cls(conn, executor)
+
+    async def _db(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        def run() -> list[sqlite3.Row]:
+            return self._conn.execute(sql, params).fetchall()
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    async def _write(self, job: Job) -> None:
+        placeholders = ", ".join("?" for _ in _COLUMNS)
+        await self._db(f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}) VALUES ({placeholders})", _row(job))
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
+        self._executor.shutdown(wait=True)
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job | None:
+        job = self.active.get(job_id) or self._recent.get(job_id)
+        if job is not None:
+            return job
+        rows = await self._db(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            return None
+        job = _job(rows[0])
+        if job.status is Status.COMPLETED:
+            self._remember(job)
+        return job
+
+    async def load_unfinished(self) -> list[Job]:
+        """Jobs a previous process left unfinished, oldest first; they become active here."""
+        rows = await self._db(
+            f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE status != 'COMPLETED' ORDER BY created_at"
+        )
+        jobs = [_job(r) for r in rows]
+        for job in jobs:
+            self.active[job.id] = job
+        return jobs
+
+    async def wait(self, job: Job) -> Job:
+        """Returns when `job` is COMPLETED."""
+        if job.status is Status.COMPLETED:
+            return job
+        future: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(job.id, []).append(future)
+        try:
+            return await future
+        finally:
+            waiters = self._waiters.get(job.id)
+            if waiters and future in waiters:
+                waiters.remove(future)
+
+    # -- transitions -------------------------------------------------------------------------------
+
+    async def add(self, job: Job) -> None:
+        """Persist a new IN_QUEUE job; returns once it is committed."""
+        await self._write(job)
+        self.active[job.id] = job
+        log.info("job %s %s IN_QUEUE (%s, priority %s, seed %d)", job.id, job.endpoint_id, job.mode,
+                 job.priority, job.seed)
+
+    async def start(self, job: Job) -> None:
+        job.status = Status.IN_PROGRESS
+        job.attempts += 1
+        job.started_at = time.time()
+        job.logs = []
+        await self._write(job)
+        log.info("job %s IN_PROGRESS (attempt %d)", job.id, job.attempts)
+
+    def log(self, job: Job, message: str, level: str = "INFO") -> None:
+        job.logs.append(log_entry(message, level))
+
+    async def requeue(self, job: Job, reason: str, count_attempt: bool = True) -> None:
+        job.status = Status.IN_QUEUE
+        job.started_at = None
+        if not count_attempt:
+            job.attempts = max(0, job.attempts - 1)
+        await self._write(job)
+        log.info("job %s IN_QUEUE again: %s", job.id, reason)
+
+    async def finish(
+        self, job: Job, *, result: str | None = None, error: ApiError | None = None,
+    ) -> None:
+        """COMPLETED with the output JSON text, or with an error."""
+        job.status = Status.COMPLETED
+        job.finished_at = time.time()
+        if job.started_at is not None:
+            job.inference_time = job.finished_at - job.started_at
+        job.result = result
+        job.error = error
+        if error is not None:
+            self.log(job, f"{error.error_type.value}: {error.message}", "ERROR")
+        await self._write(job)
+        self.active.pop(job.id, None)
+        self._remember(job)
+        for future in self._waiters.pop(job.id, []):
+            if not future.done():
+                future.set_result(job)
+        if error is None:
+            log.info("job %s COMPLETED in %.2fs", job.id, job.inference_time or 0.0)
+        else:
+            log.info("job %s COMPLETED with %d %s: %s", job.id, error.status_code, error.error_type.value,
+                     error.message)
+
+    def _remember(self, job: Job) -> None:
+        size = len(job.result or "")
+        if job.id in self._recent or size > RECENT_BYTES // 4:
+            return
+        self._recent[job.id] = job
+        self._recent_bytes += size
+        while len(self._recent) > RECENT_JOBS or self._recent_bytes > RECENT_BYTES:
+            _, old = self._recent.popitem(last=False)
+            self._recent_bytes -= len(old.result or "")
