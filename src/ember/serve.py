@@ -70,7 +70,7 @@ class Stack:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         log.info("starting tritonserver (log: %s)", self.triton_log)
-        self.triton = start_triton(self.settings, self.triton_log)
+        self.triton = start_triton(self.settings, self.triton_log, self.env)
         log.info("starting gateway (log: %s)", self.gateway_log)
         with open(self.gateway_log, "ab") as out:
             self.gateway = subprocess.Popen(

@@ -97,16 +97,22 @@ def triton_command(settings: Settings, install: TritonInstall) -> list[str]:
         "--exit-on-error=true",
         "--strict-readiness=true",
         "--log-verbose=0",
+        # Triton 2.51 sometimes waits on a cancellation that never completes when a client closes its
+        # stream right after the final response (fixed upstream later): don't hang shutdown 30 s on it.
+        "--exit-timeout-secs=5",
     ]
 
 
-def start_triton(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+def start_triton(
+    settings: Settings, log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`env`: the environment the stub sees (EMBER_* settings included); default os.environ."""
     install = find_triton(settings)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed with it
     return subprocess.Popen(
         triton_command(settings, install),
-        env=triton_env(install),
+        env=triton_env(install, env),
         stdout=log_file,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # a Ctrl-C in the terminal reaches the launcher, which stops it in order

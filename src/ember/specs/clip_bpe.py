@@ -63,8 +63,8 @@ def write_clip_tokenizer(directory: Path) -> Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     vocab = {token: i for i, token in enumerate(vocab_list)}
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": CLIP_MAX_LENGTH,
@@ -75,5 +75,5 @@ def write_clip_tokenizer(directory: Path) -> Path:
         "do_lower_case": True,
         "add_prefix_space": False,
     }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return directory

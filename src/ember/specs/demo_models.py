@@ -20,8 +20,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ember.specs.clip_bpe import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, write_clip_tokenizer
 
-# Bump when the tiny architecture changes; exports of an older build are then rebuilt.
-DEMO_VERSION = 1
 SEED = 0
 
 # scheduler/scheduler_config.json of SimianLuo/LCM_Dreamshaper_v7.
@@ -70,7 +68,12 @@ def _unet() -> UNet2DConditionModel:
         sample_size=64,  # 512 px / 8
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        down_block_types=(
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(32, 32, 64, 64),  # real: (320, 640, 1280, 1280)
         layers_per_block=1,  # real: 2

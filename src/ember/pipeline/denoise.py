@@ -1,0 +1,71 @@
+"""The denoising loop, shared by every request in a batch: one UNet call per step for all of them.
+
+Each request keeps its own scheduler and generator, so batching changes no request's maths: the UNet is
+per-sample (group norm, attention within a sample), and the scheduler step runs per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers import SchedulerMixin
+
+from ember.pipeline.requests import StepCallback
+from ember.runtime import Runner
+
+
+@dataclass
+class DenoiseSlot:
+    """One request's share of a batched denoising run."""
+
+    index: int  # the request's position in the list given to the pipeline (for callbacks)
+    scheduler: SchedulerMixin  # this request's own instance, timesteps already set
+    generator: torch.Generator  # this request's own; LCM draws fresh noise between steps
+    latents: torch.Tensor  # (k, C, h, w), k = the request's num_images
+    text_embeddings: torch.Tensor  # (k, 77, D)
+    timestep_cond: torch.Tensor  # (k, time_cond_proj_dim)
+    is_cancelled: Callable[[], bool]
+    denoised: torch.Tensor | None = None  # (k, C, h, w) after the last step
+    cancelled: bool = False
+
+
+def lcm_denoise(unet: Runner, slots: list[DenoiseSlot], on_step: StepCallback) -> None:
+    """LCM multistep sampling for all slots in lock-step (they share the step count). Fills `denoised`.
+
+    Cancellation is polled before every step: a cancelled request leaves the batch at once, so at most
+    the step already running is spent on it. The loop ends when every slot is done or cancelled.
+    """
+    total = len(slots[0].scheduler.timesteps)
+    active: list[DenoiseSlot] = []
+    conditioning: dict[str, torch.Tensor] = {}
+    for i in range(total):
+        for slot in slots:
+            slot.cancelled = slot.cancelled or slot.is_cancelled()
+        still = [s for s in slots if not s.cancelled]
+        if not still:
+            return
+        if [s.index for s in still] != [s.index for s in active]:
+            # Per-step constants, re-stacked only when the batch changes: (B, 77, D), (B, time_cond)
+            active = still
+            conditioning = {
+                "encoder_hidden_states": torch.cat([s.text_embeddings for s in active]),
+                "timestep_cond": torch.cat([s.timestep_cond for s in active]),
+            }
+        steps = [s.scheduler.timesteps[i] for s in active]
+        sizes = [s.latents.shape[0] for s in active]
+        noise_pred = unet.run(
+            {
+                "sample": torch.cat([s.latents for s in active]),  # (B, C, h, w)
+                "timestep": torch.cat(
+                    [t.float().expand(k) for t, k in zip(steps, sizes, strict=True)]
+                ),  # (B,)
+                **conditioning,
+            }
+        )["noise_pred"]
+        for slot, t, pred in zip(active, steps, noise_pred.split(sizes), strict=True):
+            slot.latents, slot.denoised = slot.scheduler.step(
+                pred, t, slot.latents, generator=slot.generator, return_dict=False
+            )
+            on_step(slot.index, i + 1, total)

@@ -1,0 +1,37 @@
+"""Runtime pieces that need no model: dtype names and the TensorRT runtime's availability."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember.runtime import torch_dtype
+from ember.runtime.tensorrt_runner import tensorrt_available
+
+
+def test_dtype_names() -> None:
+    assert torch_dtype("float16") is torch.float16 and torch_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(ValueError, match="EMBER_DTYPE"):
+        torch_dtype("fp8")
+
+
+@pytest.mark.skipif(
+    not (tensorrt_available() and torch.cuda.is_available()),
+    reason="TensorRT not installed" if not tensorrt_available() else "TensorRT needs a CUDA GPU",
+)
+def test_tensorrt_runner_refuses_a_missing_engine(tmp_path) -> None:
+    from ember.runtime.tensorrt_runner import TensorRTRunner
+    from ember.specs.sd15 import UNET
+
+    with pytest.raises(FileNotFoundError, match="no TensorRT engine"):
+        TensorRTRunner(UNET, tmp_path / "unet.plan")
+
+
+def test_tensorrt_runner_says_when_tensorrt_is_absent(tmp_path) -> None:
+    if tensorrt_available():
+        pytest.skip("TensorRT is installed here")
+    from ember.runtime.tensorrt_runner import TensorRTRunner
+    from ember.specs.sd15 import UNET
+
+    with pytest.raises(RuntimeError, match="TensorRT is not installed"):
+        TensorRTRunner(UNET, tmp_path / "unet.plan")
