@@ -7,7 +7,7 @@ EXTRAS := gateway,pipeline,export,triton,dev
 STAMP := $(VENV)/.installed-stamp
 NODE_STAMP := client/js/node_modules/.installed-stamp
 
-.PHONY: serve test check export bench install node clean-exports test-gpu
+.PHONY: serve test check export engines bench install node clean-exports test-gpu
 
 install: $(STAMP)
 
@@ -43,10 +43,15 @@ check: $(STAMP)
 	$(PY) -m ember.specs.check
 
 export: $(STAMP)
-	$(PY) -m export.onnx
+	$(PY) -m export onnx
 
+# TensorRT engines for this GPU (inside the NGC Triton image): fal presets + the dynamic profile, fp16.
+engines: $(STAMP)
+	$(PY) -m export engines --precision fp16 --dynamic
+
+PRESET ?= lcm_demo
 bench: $(STAMP)
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.run --preset $(PRESET)
 
 clean-exports:
 	rm -rf var/export

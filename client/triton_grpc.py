@@ -1,6 +1,7 @@
 """Call the `lcm` Triton model directly over gRPC, without the gateway.
 
     python client/triton_grpc.py --url 127.0.0.1:8001 --prompt "a black cat" --out cat.png
+    python client/triton_grpc.py --image in.png --mask mask.png --strength 0.8 --out inpainted.png
 
 The model is decoupled: it streams one response per denoising step (PROGRESS = [step, total]) and
 then one with IMAGES (batch, num_images, H, W, 3) uint8, NSFW and TIMINGS (JSON). Every input has
@@ -25,15 +26,40 @@ def _input(name: str, value: np.ndarray) -> grpcclient.InferInput:
     return tensor
 
 
-async def generate(url: str, prompt: str, seed: int, steps: int, width: int, height: int) -> dict:
+async def generate(
+    url: str,
+    prompt: str,
+    seed: int,
+    steps: int,
+    width: int | None,
+    height: int | None,
+    *,
+    image: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    strength: float = 0.8,
+    safety_checks: bool = True,
+) -> dict:
+    """`image` (H, W, 3) uint8 makes it image-to-image, with `mask` (H, W) uint8 (white = fill)
+    inpainting; width / height None then take the image's size."""
     client = grpcclient.InferenceServerClient(url=url)
     inputs = [
         _input("PROMPT", np.array([[prompt.encode()]], dtype=np.object_)),
         _input("SEED", np.array([[seed]], dtype=np.int64)),
         _input("NUM_INFERENCE_STEPS", np.array([[steps]], dtype=np.int32)),
-        _input("WIDTH", np.array([[width]], dtype=np.int32)),
-        _input("HEIGHT", np.array([[height]], dtype=np.int32)),
+        _input("ENABLE_SAFETY_CHECKS", np.array([[safety_checks]], dtype=np.bool_)),
     ]
+    if width is not None and height is not None:
+        inputs += [
+            _input("WIDTH", np.array([[width]], dtype=np.int32)),
+            _input("HEIGHT", np.array([[height]], dtype=np.int32)),
+        ]
+    if image is not None:
+        inputs += [
+            _input("IMAGE", np.ascontiguousarray(image[None])),
+            _input("STRENGTH", np.array([[strength]], dtype=np.float32)),
+        ]
+    if mask is not None:
+        inputs.append(_input("MASK", np.ascontiguousarray(mask[None])))
 
     async def requests():
         yield {"model_name": "lcm", "inputs": inputs, "request_id": f"grpc-{seed}"}
@@ -62,11 +88,23 @@ def main() -> None:
     parser.add_argument("--prompt", default="a black cat with glowing eyes")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--width", type=int, default=None, help="default 512, or the --image's width")
+    parser.add_argument("--height", type=int, default=None, help="default 512, or the --image's height")
+    parser.add_argument("--image", help="input image: image-to-image")
+    parser.add_argument("--mask", help="mask image, white = fill: inpainting (needs --image)")
+    parser.add_argument("--strength", type=float, default=0.8)
     parser.add_argument("--out", default="lcm.png")
     args = parser.parse_args()
-    out = asyncio.run(generate(args.url, args.prompt, args.seed, args.steps, args.width, args.height))
+    image = np.asarray(Image.open(args.image).convert("RGB")) if args.image else None
+    mask = np.asarray(Image.open(args.mask).convert("L")) if args.mask else None
+    if image is None and (args.width is None or args.height is None):
+        args.width, args.height = args.width or 512, args.height or 512
+    out = asyncio.run(
+        generate(
+            args.url, args.prompt, args.seed, args.steps, args.width, args.height,
+            image=image, mask=mask, strength=args.strength,
+        )
+    )
     for step, total in out["progress"]:
         print(f"step {step}/{total}")
     Image.fromarray(out["images"][0]).save(args.out)

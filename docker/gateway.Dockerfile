@@ -5,6 +5,6 @@ WORKDIR /opt/ember
 COPY pyproject.toml README.md ./
 COPY src ./src
 RUN pip install ".[gateway]"
-EXPOSE 8443 8444 8445
+EXPOSE 8443 8444 8445 8446
 HEALTHCHECK --interval=5s --timeout=3s CMD python -c "import urllib.request as u,ssl;u.urlopen('https://127.0.0.1:8443/health',context=ssl._create_unverified_context())"
 CMD ["python", "-m", "ember.gateway"]

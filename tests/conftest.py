@@ -17,6 +17,8 @@ from ember.serve import Stack, build_artifacts
 from ember.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
+# The `receiver` fixture (a webhook receiver on 127.0.0.1).
+pytest_plugins = ["tests.webhook_receiver"]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -39,13 +41,17 @@ def var_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def stack_env(var_dir: Path) -> dict[str, str]:
-    run, queue, http, t_http, t_grpc, t_metrics = _free_ports(6)
+    run, queue, http, rest, t_http, t_grpc, t_metrics = _free_ports(7)
     env = {
         **os.environ,
         "EMBER_VAR_DIR": str(var_dir),
         "EMBER_RUN_PORT": str(run),
         "EMBER_QUEUE_PORT": str(queue),
         "EMBER_HTTP_PORT": str(http),
+        "EMBER_REST_PORT": str(rest),
+        # Webhook receivers in the contract tests listen on 127.0.0.1.
+        "EMBER_FETCH_ALLOW": "127.0.0.1/32",
+        "EMBER_WEBHOOK_RETRY_DELAY": "0.2",
         "EMBER_TRITON_HTTP_PORT": str(t_http),
         "EMBER_TRITON_GRPC_PORT": str(t_grpc),
         "EMBER_TRITON_METRICS_PORT": str(t_metrics),
@@ -70,7 +76,7 @@ def stack(stack_env: dict[str, str], stack_settings: Settings) -> Iterator[Stack
     try:
         yield s
     finally:
-        s.stop()
+        s.stop(timeout=15)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,21 @@ from ember.triton import start_triton
 log = logging.getLogger("ember.serve")
 
 # (family, variant) of every Triton model in the repository, built before Triton starts.
-SERVED_MODELS = {"lcm": ("lcm", "sdv1-5")}
+SERVED_MODELS = {
+    "lcm": ("lcm", "sdv1-5"),
+    "sote_diffusion": ("sote_diffusion", "wuerstchen3"),
+    "pixart_sigma": ("pixart_sigma", "xl-2-1024-ms"),
+    # its ControlNet is a family of its own, built with SHARED_STAGES
+    "illusion_diffusion": ("illusion_diffusion", "sdv1-5"),
+}
+
+
+# (family, variant) of shared stages that several Triton models load (ember.pipeline.safety), built too.
+SHARED_STAGES = [
+    ("safety_checker", "sd"),
+    # The QR-code-monster ControlNet (illusion_diffusion; ember.pipeline.controlnet stages).
+    ("controlnet", "qrcode-monster-sd15"),
+]
 
 
 class StartupError(RuntimeError):
@@ -37,8 +51,21 @@ def build_artifacts(settings: Settings, progress: bool = True) -> None:
     """Demo weights (when EMBER_WEIGHTS=demo) and ONNX exports; instant when they exist."""
     from ember.specs.artifacts import ensure_artifacts  # torch: only the launcher needs it
 
-    for family, variant in SERVED_MODELS.values():
-        ensure_artifacts(settings, family=family, variant=variant, progress=progress)
+    for family, variant in [*SERVED_MODELS.values(), *SHARED_STAGES]:
+        path = ensure_artifacts(settings, family=family, variant=variant, progress=progress)
+        if settings.model_runtime(family, variant) == "tensorrt":  # engines for this GPU, cached
+            _build_engines(settings, family, variant, path, progress)
+
+
+def _build_engines(settings: Settings, family: str, variant: str, path: Path, progress: bool) -> None:
+    from ember.runtime import engine_options
+    from ember.runtime.tensorrt_build import build_engines
+    from ember.specs.artifacts import family_spec, read_artifacts
+
+    networks = list(family_spec(family, variant).load_networks())
+    device = settings.device if settings.device.startswith("cuda") else "cuda"
+    options = engine_options(settings, family, variant)
+    build_engines(read_artifacts(path), networks, options, settings.export_dir, progress=progress, device=device)
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -120,6 +147,11 @@ class Stack:
             "NODE_EXTRA_CA_CERTS": str(self.cafile.resolve()),
             "FAL_KEY": self.api_key(),
             "EMBER_PROXY_URL": f"http://{s.public_host}:{s.http_port}/api/fal/proxy",
+            # fal's hard-coded REST (rest.fal.ai) and CDN (v3.fal.media) hosts, served here: Python clients
+            # set fal_client.client.REST_URL and CDN_URL to it (README "Storage and realtime tokens").
+            "EMBER_REST_URL": f"https://{s.public_host}:{s.rest_port}",
+            # The realtime websocket host for the JS client's WebSocket shim (client/js/realtime.mjs).
+            "EMBER_REALTIME_URL": f"wss://{s.public_host}:{s.run_port}",
             "NO_PROXY": f"{s.public_host},127.0.0.1,localhost",
         }
 
@@ -156,7 +188,7 @@ def _http_ok(url: str, cafile: Path | None = None) -> bool:
             if cafile is None or not cafile.is_file():
                 return False
             context = ssl.create_default_context(cafile=str(cafile))
-        with urllib.request.urlopen(url, timeout=2, context=context) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=2, context=context) as response:
             return bool(response.status == 200)
     except OSError:
         return False
@@ -196,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         f"  Python fal-client: FAL_RUN_HOST={env['FAL_RUN_HOST']} FAL_QUEUE_RUN_HOST={env['FAL_QUEUE_RUN_HOST']}\n"
         f"                     SSL_CERT_FILE={env['SSL_CERT_FILE']}\n"
         f"  JS @fal-ai/client: fal.config({{ proxyUrl: {{ url: '{env['EMBER_PROXY_URL']}', when: 'always' }} }})\n"
+        f"  Storage / realtime tokens (Python): fal_client.client.REST_URL = fal_client.client.CDN_URL = "
+        f"'{env['EMBER_REST_URL']}'\n"
         f"  API key (FAL_KEY) is in {env_path}\n"
         "  e.g. python -c \"import fal_client; print(fal_client.subscribe('fal-ai/lcm', "
         "arguments={'prompt': 'a black cat with glowing eyes'}))\"\n"

@@ -44,3 +44,18 @@ def test_concurrent_grpc_requests_are_batched_and_equal_singles(stack) -> None:
     for seed, out in zip(seeds, together):
         single = asyncio.run(example.generate(url, "a boat", seed, 2, 64, 64))
         np.testing.assert_allclose(out["images"].astype(int), single["images"].astype(int), atol=1)
+
+
+def test_direct_grpc_inpainting_with_typed_image_and_mask(stack) -> None:
+    """IMAGE / MASK / STRENGTH tensors: inpainting without the gateway; the output takes the image's size."""
+    example = _example()
+    yy, xx = np.mgrid[0:80, 0:120]
+    image = np.stack([xx * 2, yy * 3, np.full_like(xx, 60)], -1).astype(np.uint8)
+    mask = np.zeros((80, 120), np.uint8)
+    mask[20:60, 30:90] = 255
+    out = asyncio.run(
+        example.generate(stack.settings.triton_grpc_url, "a door", 3, 4, None, None, image=image, mask=mask,
+                         strength=0.5)
+    )
+    assert out["progress"] == [[1, 2], [2, 2]]  # inpainting walks int(4 x 0.5) steps
+    assert out["images"].shape == (1, 80, 120, 3) and out["nsfw"] == [False]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from ember.gateway.proxy import allowed_target
+from ember.gateway.proxy import OFFICIAL_TARGETS, allowed_target
 from tests.gateway.conftest import AUTH, QUEUE_BASE
 
 TARGET = "x-fal-target-url"
@@ -17,10 +17,13 @@ TARGET = "x-fal-target-url"
     ("https://queue.fal.run/fal-ai/lcm/requests/abc/status?logs=1", True),
     ("https://rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3", True),
     ("https://rest.fal.ai/storage/upload/complete-multipart?storage_type=fal-cdn-v3", True),
-    # What the official server-proxy refuses by default.
-    ("https://rest.fal.ai/tokens/", False),
-    ("https://rest.fal.ai/storage/upload/initiate-multipart?storage_type=fal-cdn-v3", False),
+    # Refused by the official server-proxy's default, allowed here (realtime tokens, big uploads).
+    ("https://rest.fal.ai/tokens/", True),
+    ("https://rest.fal.ai/storage/upload/initiate-multipart?storage_type=fal-cdn-v3", True),
+    # Refused by both.
     ("https://rest.fal.ai/storage/upload/initiate?storage_type=gcs", False),
+    ("https://rest.fal.ai/tokens/extra", False),
+    ("https://rest.fal.ai/storage/auth/token?storage_type=fal-cdn-v3", False),
     ("https://evil.example.com/fal-ai/lcm", False),
     ("https://fal.run.evil.example.com/fal-ai/lcm", False),
     ("https://evilfal.run/fal-ai/lcm", False),
@@ -31,6 +34,13 @@ TARGET = "x-fal-target-url"
 ])
 def test_allow_list(url: str, ok: bool) -> None:
     assert (allowed_target(url) is not None) == ok
+
+
+def test_official_default_allow_list_is_kept_verbatim() -> None:
+    # @fal-ai/server-proxy 1.2.1 src/config.js; ours is this plus EXTRA_TARGETS (documented in the README).
+    assert OFFICIAL_TARGETS == ("fal.run/**", "queue.fal.run/**",
+                                "rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3",
+                                "rest.fal.ai/storage/upload/complete-multipart?storage_type=fal-cdn-v3")
 
 
 async def test_preflight_answers_cors_without_auth(http_client: httpx.AsyncClient) -> None:
@@ -53,7 +63,8 @@ async def test_missing_target_is_400(http_client: httpx.AsyncClient) -> None:
     assert r.headers["access-control-allow-origin"] == "*"
 
 
-@pytest.mark.parametrize("target", ["https://rest.fal.ai/tokens/", "https://example.com/fal-ai/lcm"])
+@pytest.mark.parametrize("target", ["https://rest.fal.ai/storage/upload/initiate?storage_type=gcs",
+                                    "https://example.com/fal-ai/lcm"])
 async def test_target_outside_allow_list_is_400(http_client: httpx.AsyncClient, target: str) -> None:
     r = await http_client.post("/api/fal/proxy", json={}, headers={**AUTH, TARGET: target})
     assert r.status_code == 400
@@ -61,10 +72,12 @@ async def test_target_outside_allow_list_is_400(http_client: httpx.AsyncClient, 
 
 
 async def test_allowed_but_unserved_storage_target_is_404(http_client: httpx.AsyncClient) -> None:
-    r = await http_client.post("/api/fal/proxy", json={"content_type": "image/png", "file_name": "a.png"},
-                               headers={**AUTH, TARGET: "https://rest.fal.ai/storage/upload/initiate"
+    # The JS client completes multipart uploads at the signed upload URL, never here.
+    r = await http_client.post("/api/fal/proxy", json={"parts": []},
+                               headers={**AUTH, TARGET: "https://rest.fal.ai/storage/upload/complete-multipart"
                                                         "?storage_type=fal-cdn-v3"})
     assert r.status_code == 404
+    assert r.headers["access-control-allow-origin"] == "*"
 
 
 async def test_queue_round_trip_through_the_proxy(http_client: httpx.AsyncClient) -> None:

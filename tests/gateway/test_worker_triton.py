@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import shutil
 import subprocess
 import time
 import urllib.request
@@ -21,12 +20,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ember.endpoints.registry import ENDPOINTS
 from ember.gateway.app import GatewayApps, build_apps
 from ember.gateway.backend import TritonBackend
 from ember.gateway.jobs import Status
 from ember.gateway.state import GatewayState
 from ember.settings import Settings
 from tests.gateway.conftest import QUEUE_BASE, RUN_BASE, client, dead_port, make_settings
+from tests.stacks import standin_repository
 
 pytestmark = pytest.mark.e2e
 
@@ -41,10 +42,7 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     except ImportError as exc:
         pytest.skip(f"ember.triton is not importable: {exc}")
     root = tmp_path_factory.mktemp("triton")
-    repo = root / "repo"
-    (repo / "lcm" / "1").mkdir(parents=True)
-    shutil.copy(REPO / "model_repository" / "lcm" / "config.pbtxt", repo / "lcm" / "config.pbtxt")
-    shutil.copy(Path(__file__).parent / "standin_lcm" / "model.py", repo / "lcm" / "1" / "model.py")
+    repo = standin_repository(root)
     http, grpc, metrics = dead_port(), dead_port(), dead_port()
     settings = make_settings(root / "var", EMBER_MODEL_REPOSITORY=str(repo), EMBER_TRITON_HTTP_PORT=str(http),
                              EMBER_TRITON_GRPC_PORT=str(grpc), EMBER_TRITON_METRICS_PORT=str(metrics),
@@ -102,21 +100,22 @@ async def test_ready_when_triton_serves_the_models(live: tuple[GatewayState, Gat
     _, apps = live
     async with client(apps.run, RUN_BASE, auth=False) as c:
         r = await c.get("/ready")
-    assert (r.status_code, r.json()["models"]) == (200, ["lcm"])
+    assert r.status_code == 200
+    assert r.json()["models"] == sorted({e.triton_model for e in ENDPOINTS.values()})
 
 
 async def test_queued_job_runs_with_step_logs_and_stored_images(live: tuple[GatewayState, GatewayApps]) -> None:
     state, apps = live
     async with client(apps.queue, QUEUE_BASE) as c:
         r = await c.post("/fal-ai/lcm", json={**SMALL, "seed": 0x123456, "num_inference_steps": 3,
-                                               "num_images": 2, "request_id": "mine"})
+                                               "num_images": 2, "request_id": "mine", "negative_prompt": "fog"})
         rid = r.json()["request_id"]
         status = await _wait_completed(c, rid)
         result = (await c.get(f"/fal-ai/lcm/requests/{rid}")).json()
     assert status["error"] is None and status["metrics"]["inference_time"] > 0
     messages = [e["message"] for e in status["logs"]]
     assert messages[-3:] == ["step 1/3", "step 2/3", "step 3/3"]
-    assert any("safety checker" in m for m in messages[:-3])  # the endpoint's notes come first
+    assert any("negative_prompt" in m for m in messages[:-3])  # the endpoint's notes come first
     assert set(result) == {"images", "timings", "seed", "num_inference_steps", "request_id",
                            "nsfw_content_detected"}
     assert (result["seed"], result["num_inference_steps"], result["request_id"]) == (0x123456, 3, "mine")

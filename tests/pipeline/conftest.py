@@ -55,3 +55,50 @@ def diffusers_lcm(lcm_artifacts: Artifacts):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def safety_checker(lcm_settings: Settings):
+    """The shared safety checker stage over the tiny demo checker, on onnxruntime."""
+    from ember.pipeline.safety import load_safety_checker
+
+    return load_safety_checker(lcm_settings)
+
+
+@pytest.fixture(scope="session")
+def checked_pipeline(lcm_settings: Settings, lcm_artifacts: Artifacts, safety_checker) -> LcmText2ImagePipeline:
+    """The onnxruntime pipeline with the safety checker, as served (load_lcm_pipeline)."""
+    return LcmText2ImagePipeline.from_artifacts(lcm_settings, lcm_artifacts, safety_checker=safety_checker)
+
+
+def _diffusers_components(source: str) -> dict:
+    from diffusers import LatentConsistencyModelPipeline
+
+    pipe = LatentConsistencyModelPipeline.from_pretrained(
+        source, safety_checker=None, requires_safety_checker=False, dtype=torch.float32
+    )
+    return dict(pipe.components)
+
+
+@pytest.fixture(scope="session")
+def diffusers_lcm_img2img(lcm_artifacts: Artifacts):
+    """diffusers' LatentConsistencyModelImg2ImgPipeline on the same tiny weights."""
+    from diffusers import LatentConsistencyModelImg2ImgPipeline
+
+    pipe = LatentConsistencyModelImg2ImgPipeline(
+        **_diffusers_components(lcm_artifacts.source) | {"requires_safety_checker": False}
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def diffusers_lcm_inpaint(lcm_artifacts: Artifacts):
+    """The inpainting reference: StableDiffusionInpaintPipeline with the LCM scheduler and LCM UNet (it passes
+    the guidance embedding as timestep_cond because the UNet has time_cond_proj_dim)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    components = _diffusers_components(lcm_artifacts.source)
+    pipe = StableDiffusionInpaintPipeline(**components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -14,6 +14,7 @@ import torch
 from ember.specs import ensure_artifacts, read_artifacts
 from ember.specs.artifacts import cache_key, family_spec
 from ember.specs.onnx_export import VERIFY_ATOL, verify_onnx
+from ember.specs.safety import SAFETY_NETWORKS
 from ember.specs.sd15 import SD15_LCM_NETWORKS
 from tests.pipeline.conftest import tiny_settings
 
@@ -52,7 +53,7 @@ def test_second_call_is_instant_and_same_dir(lcm_settings, lcm_artifacts) -> Non
 def test_cache_key_names_what_an_export_depends_on(lcm_settings) -> None:
     key = cache_key(lcm_settings, "lcm", "sdv1-5")
     assert {"source", "revision", "precision", "opset", "torch", "onnx", "specs"} <= set(key)
-    assert key["specs"] == {"text_encoder": 1, "unet": 1, "vae_decoder": 1}
+    assert key["specs"] == {"text_encoder": 1, "unet": 1, "vae_decoder": 1, "vae_encoder": 1}
     real = dataclasses.replace(lcm_settings, weights="real", models=lcm_settings.models)
     assert cache_key(real, "lcm", "sdv1-5")["source"] == "SimianLuo/LCM_Dreamshaper_v7"
 
@@ -86,9 +87,21 @@ def test_torch_runtime_needs_no_onnx_and_onnx_is_added_later(tmp_path) -> None:
     assert read_artifacts(path).config("unet")["time_cond_proj_dim"] == 256
     again = ensure_artifacts(tiny_settings(tmp_path), "lcm", "sdv1-5", progress=False)
     assert again == path and {p.name for p in path.glob("*.onnx")} == {
-        f"{n}.onnx" for n in ("text_encoder", "unet", "vae_decoder")
+        f"{n}.onnx" for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder")
     }
 
 
 def test_registry_versions_match_the_specs() -> None:
     assert family_spec("lcm", "sdv1-5").load_networks() == SD15_LCM_NETWORKS
+    assert family_spec("safety_checker", "sd").load_networks() == SAFETY_NETWORKS
+
+
+def test_safety_checker_exports_verified_with_its_feature_extractor(lcm_settings) -> None:
+    """The shared checker is its own family: no tokenizer or scheduler, its CLIPImageProcessor instead."""
+    path = ensure_artifacts(lcm_settings, "safety_checker", "sd", progress=False)
+    artifacts = read_artifacts(path)
+    assert (artifacts.feature_extractor_dir / "preprocessor_config.json").is_file()
+    assert not artifacts.tokenizer_dir.exists() and not artifacts.scheduler_dir.exists()
+    entry = artifacts.manifest["networks"]["safety_checker"]
+    assert entry["verified_max_abs_diff"] < 1e-3
+    assert set(entry["outputs"]) == {"special_scores", "concept_scores"}

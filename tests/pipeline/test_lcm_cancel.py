@@ -41,4 +41,4 @@ def test_cancelled_before_start_runs_no_step(ort_pipeline) -> None:
 def test_a_cancelled_batch_still_times_its_stages(ort_pipeline) -> None:
     request = Text2ImageRequest(prompt="a cat", seed=1, width=64, height=64)
     [result] = ort_pipeline([dataclasses.replace(request, is_cancelled=lambda: True)])
-    assert set(result.timings) == {"encode", "denoise", "decode", "total"}
+    assert set(result.timings) == {"encode", "denoise", "decode", "safety", "total"}

@@ -29,7 +29,8 @@ def _arrays(**values) -> dict[str, np.ndarray]:
 
 def test_parse_with_server_defaults() -> None:
     request = parse_lcm_request(_arrays(PROMPT=b"a cat", SEED=7), LcmDefaults(), _never)
-    assert request == Text2ImageRequest(prompt="a cat", seed=7)  # 512 x 512, 4 steps, guidance 1, 1 image
+    # 512 x 512, 4 steps, guidance 1, 1 image, text-to-image, safety checks on (fal's default)
+    assert request == Text2ImageRequest(prompt="a cat", seed=7, enable_safety_checks=True)
 
 
 def test_parse_every_input() -> None:
@@ -94,3 +95,26 @@ def test_output_arrays_carry_the_batch_dimension() -> None:
     assert out["NSFW"].tolist() == [[False, False]]
     assert json.loads(out["TIMINGS"][0, 0]) == {"total": 0.5}
     assert progress_arrays(3, 4)["PROGRESS"].tolist() == [[3, 4]]
+
+
+def test_parse_image_modes() -> None:
+    image = np.zeros((1, 40, 56, 3), np.uint8)
+    mask = np.full((1, 40, 56), 255, np.uint8)
+    arrays = {
+        **_arrays(PROMPT=b"x", SEED=1),
+        "IMAGE": image,
+        "MASK": mask,
+        "STRENGTH": np.array([[0.5]], np.float32),
+        "INPAINT_MASK_ONLY": np.array([[True]]),
+        "ENABLE_SAFETY_CHECKS": np.array([[False]]),
+        "MODEL": np.array([[b"sdv1-5"]], dtype=np.object_),
+    }
+    request = parse_lcm_request(arrays, LcmDefaults(), _never)
+    assert request.mode == "inpaint" and request.strength == 0.5 and request.inpaint_mask_only
+    assert not request.enable_safety_checks and request.model == "sdv1-5"
+    assert (request.width, request.height) == (None, None)  # the image's size, resolved by the pipeline
+    assert request.image.shape == (40, 56, 3) and request.mask.shape == (40, 56)
+    sized = parse_lcm_request({**arrays, **_arrays(WIDTH=64, HEIGHT=64)}, LcmDefaults(), _never)
+    assert (sized.width, sized.height) == (64, 64)
+    with pytest.raises(ValueError, match="IMAGE must be uint8"):
+        parse_lcm_request({**arrays, "IMAGE": image[0]}, LcmDefaults(), _never)

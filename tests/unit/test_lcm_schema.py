@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -61,8 +63,8 @@ def test_image_size_resolution() -> None:
 
 @pytest.mark.parametrize(
     "fields",
-    [{"model": "sdxl"}, {"image_url": "data:image/png;base64,AAAA"}, {"mask_url": "https://x/m.png"},
-     {"lora_url": "https://x/l.safetensors"}, {"inpaint_mask_only": True}, {"controlnet_inpaint": True}],
+    [{"model": "sdxl"}, {"lora_url": "https://x/l.safetensors"},
+     {"controlnet_inpaint": True, "image_url": "https://x/i.png", "mask_url": "https://x/m.png"}],
 )
 def test_modes_not_served_yet_are_refused_by_name(fields: dict) -> None:
     with pytest.raises(InputError) as info:
@@ -71,13 +73,32 @@ def test_modes_not_served_yet_are_refused_by_name(fields: dict) -> None:
     assert "not supported yet" in info.value.msg
 
 
+def test_mask_without_image_is_refused_at_mask_url() -> None:
+    with pytest.raises(InputError) as info:
+        LcmEndpoint().check(LcmInput(prompt="x", mask_url="https://x/m.png"))
+    assert info.value.loc == ("body", "mask_url") and "needs image_url" in info.value.msg
+
+
+def test_image_modes_send_image_mask_and_no_size_unless_asked() -> None:
+    image, mask = np.zeros((40, 56, 3), np.uint8), np.zeros((40, 56), np.uint8)
+    inp = LcmInput(prompt="x", image_url="https://x/i.png", mask_url="https://x/m.png", strength=0.5,
+                   inpaint_mask_only=True, enable_safety_checks=False)
+    tensors = LcmEndpoint().to_triton(inp, 1, {"image": image, "mask": mask})
+    assert tensors["IMAGE"].shape == (1, 40, 56, 3) and tensors["MASK"].shape == (1, 40, 56)
+    assert tensors["STRENGTH"].tolist() == [[0.5]] and tensors["INPAINT_MASK_ONLY"].tolist() == [[True]]
+    assert tensors["ENABLE_SAFETY_CHECKS"].tolist() == [[False]]
+    assert "WIDTH" not in tensors and "HEIGHT" not in tensors  # the model takes the image's size
+    sized = LcmEndpoint().to_triton(inp.model_copy(update={"image_size": "square"}), 1, {"image": image})
+    assert sized["WIDTH"].tolist() == [[512]] and "MASK" not in sized
+
+
 def test_to_triton_tensors_match_the_model_config() -> None:
     tensors = LcmEndpoint().to_triton(LcmInput(prompt="a cat", image_size="portrait_4_3", num_images=3), 42)
     assert tensors["WIDTH"].tolist() == [[768]] and tensors["HEIGHT"].tolist() == [[1024]]
     assert tensors["SEED"].dtype == np.int64 and tensors["NUM_IMAGES"].tolist() == [[3]]
     assert all(t.shape == (1, 1) for t in tensors.values())
-    config = open("model_repository/lcm/config.pbtxt").read()
-    for name, array in tensors.items():
+    config = (Path(__file__).resolve().parents[2] / "model_repository/lcm/config.pbtxt").read_text()
+    for name in tensors:
         assert f'name: "{name}"' in config
 
 

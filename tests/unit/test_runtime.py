@@ -19,19 +19,24 @@ def test_dtype_names() -> None:
     not (tensorrt_available() and torch.cuda.is_available()),
     reason="TensorRT not installed" if not tensorrt_available() else "TensorRT needs a CUDA GPU",
 )
-def test_tensorrt_runner_refuses_a_missing_engine(tmp_path) -> None:
-    from ember.runtime.tensorrt_runner import TensorRTRunner
+def test_tensorrt_engine_refuses_a_missing_plan(tmp_path) -> None:
+    from ember.runtime.tensorrt_runner import TensorRTEngine
+    from ember.specs.base import fal_buckets
     from ember.specs.sd15 import UNET
 
     with pytest.raises(FileNotFoundError, match="no TensorRT engine"):
-        TensorRTRunner(UNET, tmp_path / "unet.plan")
+        TensorRTEngine(UNET, tmp_path / "unet.plan", fal_buckets())
 
 
-def test_tensorrt_runner_says_when_tensorrt_is_absent(tmp_path) -> None:
+def test_tensorrt_says_when_it_is_absent(tmp_path) -> None:
     if tensorrt_available():
         pytest.skip("TensorRT is installed here")
-    from ember.runtime.tensorrt_runner import TensorRTRunner
+    from ember.runtime.tensorrt_build import require_tensorrt
+    from ember.runtime.tensorrt_runner import TensorRTEngine
+    from ember.specs.base import fal_buckets
     from ember.specs.sd15 import UNET
 
     with pytest.raises(RuntimeError, match="TensorRT is not installed"):
-        TensorRTRunner(UNET, tmp_path / "unet.plan")
+        TensorRTEngine(UNET, tmp_path / "unet.plan", fal_buckets())
+    with pytest.raises(RuntimeError, match="NGC Triton image"):
+        require_tensorrt()

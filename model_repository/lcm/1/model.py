@@ -14,7 +14,6 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ember.pipeline import load_lcm_pipeline
-from ember.pipeline.lcm import check_request
 from ember.pipeline.lcm_io import INPUT_NAMES, LcmDefaults, parse_lcm_request, progress_arrays, result_arrays
 from ember.settings import get_settings
 
@@ -41,6 +40,8 @@ class TritonPythonModel:
         self.pipeline = load_lcm_pipeline(settings, variant=VARIANT)
         width, height = settings.model_entry("lcm", VARIANT).get("default_size", (512, 512))
         self.defaults = LcmDefaults(width=int(width), height=int(height))
+        # The realtime path (512 x 512, 4 steps) must not pay first-call set-up: run it once now.
+        self.pipeline.warmup(self.defaults.width, self.defaults.height, self.defaults.num_inference_steps)
         self.log = pb_utils.Logger
 
     def execute(self, requests: list) -> None:
@@ -57,7 +58,7 @@ class TritonPythonModel:
             except ValueError as exc:
                 _fail(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
                 continue
-            problems = check_request(item)
+            problems = self.pipeline.problems(item)
             if problems:
                 _fail(sender, "; ".join(problems), pb_utils.TritonError.INVALID_ARG)
                 continue

@@ -3,18 +3,38 @@ between the two (STYLE.md 1). The gateway knows nothing else about an endpoint."
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from abc import ABC, abstractmethod
-from typing import ClassVar, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel
 
-from ember.endpoints.common import StoredImage
+from ember.endpoints.common import Loc, StoredImage, WeightsFile
 
 TritonTensors = dict[str, np.ndarray]
 # Encodes one (H, W, 3) uint8 image in the given format ("jpeg" | "png") and stores it.
 ImageSink = Callable[[np.ndarray, str], Awaitable[StoredImage]]
+# What `Endpoint.load` fetched, by name (e.g. {"image": (H, W, 3) uint8 array}).
+Loaded = Mapping[str, Any]
+_NOTHING: Loaded = {}
+
+
+class MediaLoader(Protocol):
+    """How an endpoint reads the URL inputs it names (image_url, mask_url, weight files).
+
+    The gateway's implementation (ember.gateway.inputs) fetches through the SSRF-safe fetcher (or
+    reads the gateway's own file URLs locally), checks sizes before decoding, and decodes with pixel
+    and format limits. Every failure raises `InputError` at `loc`, answered 422.
+    """
+
+    async def image(self, url: str, loc: Loc, *, mode: str = "RGB") -> np.ndarray:
+        """(H, W, 3) uint8 for mode "RGB", (H, W) for mode "L"."""
+        ...
+
+    async def weights(self, url: str, loc: Loc) -> WeightsFile:
+        """A safetensors file, its header parsed and checked; anything else (pickle, zip, torch) refused."""
+        ...
 
 In = TypeVar("In", bound=BaseModel)
 
@@ -24,7 +44,7 @@ def bytes_tensor(value: str) -> np.ndarray:
     return np.array([[value.encode("utf-8")]], dtype=np.object_)
 
 
-def scalar_tensor(value: float | int | bool, dtype: type) -> np.ndarray:
+def scalar_tensor(value: float | bool, dtype: type) -> np.ndarray:
     """A (1, 1) tensor of the given numpy dtype."""
     return np.array([[value]], dtype=dtype)
 
@@ -49,8 +69,13 @@ class Endpoint(ABC, Generic[In]):
         """True when images go back as data URIs instead of stored files."""
         return bool(getattr(inp, "sync_mode", False))
 
+    async def load(self, inp: In, media: MediaLoader) -> Loaded:
+        """Fetch and decode what the input names by URL, through `media`; runs before `to_triton`,
+        when the job starts (never at submit). Default: nothing to load."""
+        return _NOTHING
+
     @abstractmethod
-    def to_triton(self, inp: In, seed: int) -> TritonTensors:
+    def to_triton(self, inp: In, seed: int, loaded: Loaded = _NOTHING) -> TritonTensors:
         """The Triton model's input tensors, each with a leading batch dimension of 1."""
 
     @abstractmethod

@@ -6,8 +6,9 @@ Nothing here imports FastAPI or torch: the gateway, the tests and the Triton sid
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -89,6 +90,27 @@ class StoredImage:
         )
 
 
+Loc = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    # Byte range within the data section (after the header).
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A user weight file accepted as safetensors: the raw bytes and its checked header."""
+
+    data: bytes
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
 class InputError(ValueError):
     """A request that parses but cannot be served as asked: answered 422 in fal's `detail` shape.
 
@@ -130,6 +152,20 @@ def resolve_image_size(
             f"({MAX_OUTPUT_PIXELS} pixels, e.g. 2048x2048)",
         )
     return value.width, value.height
+
+
+def check_url(value: str | None, loc: Loc) -> None:
+    """Submit-time check of a URL input: http(s) with a host, or a data: URI. What it points at is
+    checked when the job runs (public address, size, format)."""
+    if value is None:
+        return
+    if value.startswith("data:"):
+        if "," not in value:
+            raise InputError(loc, "malformed data URI: no ',' separator", "invalid_data_uri")
+        return
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InputError(loc, "must be an http(s) URL or a data: URI", "url_not_allowed")
 
 
 def seed_field() -> object:

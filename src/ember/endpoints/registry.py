@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 from ember.endpoints.base import Endpoint
+from ember.endpoints.illusion_diffusion.translate import IllusionDiffusionEndpoint
 from ember.endpoints.lcm.translate import LcmEndpoint
+from ember.endpoints.lora.translate import LoraEndpoint
+from ember.endpoints.pixart_sigma.translate import PixArtSigmaEndpoint
+from ember.endpoints.sote_diffusion.translate import SoteDiffusionEndpoint
 
-ENDPOINTS: dict[str, Endpoint] = {e.endpoint_id: e for e in (LcmEndpoint(),)}
+ENDPOINTS: dict[str, Endpoint] = {
+    e.endpoint_id: e
+    for e in (
+        LcmEndpoint(), SoteDiffusionEndpoint(), LoraEndpoint(), PixArtSigmaEndpoint(),
+        IllusionDiffusionEndpoint(),
+    )
+}
 
 
 def find_endpoint(path: str) -> tuple[Endpoint, str] | None:

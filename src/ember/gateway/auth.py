@@ -69,15 +69,22 @@ class KeyStore:
             keys = [ensure_dev_key(dev_key_path(settings))]
         return cls(hash_key(k) for k in keys)
 
-    def verify(self, authorization: str | None) -> bool:
-        """True for `Key <a known key>`. Compares every digest in constant time."""
+    def owner_of(self, authorization: str | None) -> str | None:
+        """For `Key <a known key>`: a stable, non-secret id of that key (16 hex digits of a digest of
+        its digest), used as the webhook's user id and to scope tokens. None otherwise. Compares every
+        digest in constant time."""
         if not authorization:
-            return False
+            return None
         scheme, _, key = authorization.strip().partition(" ")
         if scheme.lower() != "key" or not key.strip():
-            return False
+            return None
         presented = hash_key(key.strip())
-        ok = False
+        match = b""
         for digest in self._digests:
-            ok |= hmac.compare_digest(presented, digest)
-        return ok
+            if hmac.compare_digest(presented, digest):
+                match = digest
+        return hashlib.sha256(b"ember-owner:" + match).hexdigest()[:16] if match else None
+
+    def verify(self, authorization: str | None) -> bool:
+        """True for `Key <a known key>`."""
+        return self.owner_of(authorization) is not None

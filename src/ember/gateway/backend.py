@@ -31,6 +31,13 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Log:
+    """A status line from the model (e.g. a base model loading on first use): one line in the job's logs."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class Final:
     outputs: dict[str, np.ndarray]
 
@@ -55,7 +62,7 @@ class BackendError(Exception):
 class Backend(Protocol):
     def generate(
         self, model: str, inputs: dict[str, np.ndarray], request_id: str
-    ) -> AsyncGenerator[Progress | Final, None]:
+    ) -> AsyncGenerator[Progress | Log | Final, None]:
         """Progress events, then exactly one Final. Closing the generator early (`aclose()`, which
         the worker does through `contextlib.aclosing`) cancels the request."""
         ...
@@ -86,7 +93,7 @@ class TritonBackend:
 
     async def generate(
         self, model: str, inputs: dict[str, np.ndarray], request_id: str
-    ) -> AsyncGenerator[Progress | Final, None]:
+    ) -> AsyncGenerator[Progress | Log | Final, None]:
         infer_inputs = []
         for name, array in inputs.items():
             tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
@@ -110,6 +117,9 @@ class TritonBackend:
                 if progress is not None:
                     step, total = (int(v) for v in progress.reshape(-1)[:2])
                     yield Progress(step, total)
+                    continue
+                if result.get_output("LOG") is not None and result.get_output(FINAL_OUTPUT) is None:
+                    yield Log(result.as_numpy("LOG").reshape(-1)[0].decode("utf-8", "replace"))
                     continue
                 if result.get_output(FINAL_OUTPUT) is not None:
                     outputs = {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}

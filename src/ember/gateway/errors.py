@@ -22,6 +22,7 @@ from ember.endpoints.common import InputError
 class ErrorType(StrEnum):
     BAD_REQUEST = "bad_request"
     UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     PAYLOAD_TOO_LARGE = "payload_too_large"
@@ -38,6 +39,7 @@ class ErrorType(StrEnum):
 HTTP_STATUS: dict[ErrorType, int] = {
     ErrorType.BAD_REQUEST: 400,
     ErrorType.UNAUTHORIZED: 401,
+    ErrorType.FORBIDDEN: 403,
     ErrorType.NOT_FOUND: 404,
     ErrorType.METHOD_NOT_ALLOWED: 405,
     ErrorType.PAYLOAD_TOO_LARGE: 413,
@@ -56,10 +58,27 @@ Detail = dict[str, Any]
 class ApiError(Exception):
     """An error answer: its type fixes the status code; `detail` is a string, or a list for 422."""
 
-    def __init__(self, error_type: ErrorType, detail: str | list[Detail]) -> None:
+    def __init__(
+        self, error_type: ErrorType, detail: str | list[Detail], *, timeout_type: str | None = None,
+    ) -> None:
         super().__init__(detail if isinstance(detail, str) else _summary(detail))
         self.error_type = error_type
         self.detail = detail
+        # "user" on a 504 for an expired X-Fal-Request-Timeout: neither client retries it, and JS sets
+        # ApiError.isUserTimeout (fal-protocol.md §3.2, §7).
+        self.timeout_type = timeout_type
+
+    @classmethod
+    def start_timeout(cls, seconds: float) -> ApiError:
+        return cls(ErrorType.REQUEST_TIMEOUT, f"Request timed out: it did not start within the {seconds:g} s "
+                   "of its X-Fal-Request-Timeout", timeout_type="user")
+
+    def headers(self) -> dict[str, str]:
+        """The headers of an answer carrying this error."""
+        headers = {"x-fal-error-type": self.error_type.value}
+        if self.timeout_type:
+            headers["x-fal-request-timeout-type"] = self.timeout_type
+        return headers
 
     @property
     def status_code(self) -> int:
@@ -77,11 +96,14 @@ class ApiError(Exception):
 
     def to_record(self) -> dict[str, Any]:
         """What the jobs store keeps; `from_record` gives the same error back."""
-        return {"error_type": self.error_type.value, "detail": self.detail}
+        record: dict[str, Any] = {"error_type": self.error_type.value, "detail": self.detail}
+        if self.timeout_type:
+            record["timeout_type"] = self.timeout_type
+        return record
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> ApiError:
-        return cls(ErrorType(record["error_type"]), record["detail"])
+        return cls(ErrorType(record["error_type"]), record["detail"], timeout_type=record.get("timeout_type"))
 
     @classmethod
     def validation(cls, details: list[Detail]) -> ApiError:

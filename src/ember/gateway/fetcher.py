@@ -11,6 +11,9 @@ Untrusted by default (DESIGN.md "Security defaults"):
 - a byte limit (checked on Content-Length and while streaming) and a total time limit.
 
 `allow` lists hosts or networks that may be private, for private deployments and for tests.
+
+Messages name a URL only without its query and credentials (`shown`): signed URLs carry secrets in
+the query, and error messages reach the logs.
 """
 
 from __future__ import annotations
@@ -28,6 +31,17 @@ import httpx
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def shown(url: str) -> str:
+    """The URL as messages may show it: no query, fragment or credentials; data: URIs as their type."""
+    if url.startswith("data:"):
+        return url[: min(len(url), url.find(",") if "," in url else 40, 40)] + ",..."
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 class FetchError(ValueError):
@@ -127,25 +141,38 @@ class Fetcher:
     async def close(self) -> None:
         await self._client.aclose()
 
-    async def fetch(self, url: str) -> Fetched:
+    async def fetch(self, url: str, *, max_bytes: int | None = None) -> Fetched:
+        """GET `url` (or decode a data: URI), at most `max_bytes` (default: the policy's)."""
+        limit = self.policy.max_bytes if max_bytes is None else max_bytes
         if url.startswith("data:"):
-            return parse_data_uri(url, self.policy.max_bytes)
+            return parse_data_uri(url, limit)
         deadline = time.monotonic() + self.policy.timeout_s
         try:
             async with asyncio.timeout(self.policy.timeout_s):
                 for _ in range(self.policy.max_redirects + 1):
-                    status, location, content_type, data = await self._get_once(url, deadline)
+                    status, location, content_type, data = await self._send_once("GET", url, deadline, limit)
                     if status in (301, 302, 303, 307, 308) and location:
                         url = urljoin(url, location)
                         continue
                     if status >= 400:
-                        raise FetchError(f"fetching {url} answered HTTP {status}", "url_fetch_error")
+                        raise FetchError(f"fetching {shown(url)} answered HTTP {status}", "url_fetch_error")
                     return Fetched(data, content_type, url)
         except TimeoutError as exc:
             raise FetchError(
-                f"fetching {url} took longer than {self.policy.timeout_s:.0f} s", "url_timeout"
+                f"fetching {shown(url)} took longer than {self.policy.timeout_s:.0f} s", "url_timeout"
             ) from exc
-        raise FetchError(f"more than {self.policy.max_redirects} redirects from {url}", "url_fetch_error")
+        raise FetchError(f"more than {self.policy.max_redirects} redirects from {shown(url)}", "url_fetch_error")
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> int:
+        """POST `body` to `url` under the same address rules (webhooks); no redirects followed.
+        Returns the status code; FetchError when the URL is refused or the request fails."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                status, _, _, _ = await self._send_once("POST", url, deadline, 64 * 1024, body, headers)
+        except TimeoutError as exc:
+            raise FetchError(f"{shown(url)} did not answer within {timeout_s:g} s", "url_timeout") from exc
+        return status
 
     async def resolve(self, host: str, port: int) -> list[IPAddress]:
         """All addresses of `host`, each checked; refuses the host if any is not public."""
@@ -157,7 +184,7 @@ class Fetcher:
                 infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except socket.gaierror as exc:
                 raise FetchError(f"cannot resolve host {host!r}", "url_fetch_error") from exc
-            addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
+            addresses = list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
         if not addresses:
             raise FetchError(f"cannot resolve host {host!r}", "url_fetch_error")
         if self.policy.host_allowed(host):
@@ -170,14 +197,17 @@ class Fetcher:
                 )
         return addresses
 
-    async def _get_once(self, url: str, deadline: float) -> tuple[int, str | None, str, bytes]:
+    async def _send_once(
+        self, method: str, url: str, deadline: float, max_bytes: int, body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, str | None, str, bytes]:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise FetchError(
                 f"URL scheme {parts.scheme!r} is not allowed (http, https or data: only)", "url_not_allowed"
             )
         if not parts.hostname:
-            raise FetchError(f"URL {url!r} has no host", "url_not_allowed")
+            raise FetchError(f"URL {shown(url)!r} has no host", "url_not_allowed")
         if parts.username or parts.password:
             raise FetchError("URLs with credentials are not allowed", "url_not_allowed")
         host = parts.hostname
@@ -189,9 +219,10 @@ class Fetcher:
         pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
         host_header = host if parts.port is None else f"{host}:{parts.port}"
         request = self._client.build_request(
-            "GET",
+            method,
             pinned,
-            headers={"Host": host_header},
+            content=body,
+            headers={**(headers or {}), "Host": host_header},
             extensions={
                 "sni_hostname": host,
                 "timeout": {
@@ -205,22 +236,24 @@ class Fetcher:
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            raise FetchError(f"could not fetch {url}: {type(exc).__name__}", "url_fetch_error") from exc
+            raise FetchError(f"could not fetch {shown(url)}: {type(exc).__name__}", "url_fetch_error") from exc
         try:
             if response.is_redirect:
                 return response.status_code, response.headers.get("location"), "", b""
+            if method != "GET":  # a webhook: only the status matters
+                return response.status_code, None, "", b""
             length = response.headers.get("content-length")
-            if length and length.isdigit() and int(length) > self.policy.max_bytes:
-                raise FetchError(f"{url} is larger than {self.policy.max_bytes} bytes", "file_too_large")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise FetchError(f"{shown(url)} is larger than {max_bytes} bytes", "file_too_large")
             chunks, size = [], 0
             async for chunk in response.aiter_bytes():
                 size += len(chunk)
-                if size > self.policy.max_bytes:
-                    raise FetchError(f"{url} is larger than {self.policy.max_bytes} bytes", "file_too_large")
+                if size > max_bytes:
+                    raise FetchError(f"{shown(url)} is larger than {max_bytes} bytes", "file_too_large")
                 chunks.append(chunk)
             content_type = response.headers.get("content-type", "application/octet-stream").split(";")[0]
             return response.status_code, None, content_type.strip(), b"".join(chunks)
         except httpx.HTTPError as exc:
-            raise FetchError(f"could not fetch {url}: {type(exc).__name__}", "url_fetch_error") from exc
+            raise FetchError(f"could not fetch {shown(url)}: {type(exc).__name__}", "url_fetch_error") from exc
         finally:
             await response.aclose()

@@ -1,11 +1,13 @@
 """Jobs: every accepted request, sync run or queued, persisted in SQLite before it is answered.
 
 The store keeps the unfinished jobs (and a few thousand recently finished ones) in memory, so status
-polls at ~10 req/s per waiting client read no disk. SQLite runs on one dedicated thread (WAL,
-synchronous=NORMAL: a committed job survives a crash of the process). Logs of a running job live in
-memory and are written with each state change; a job interrupted by a crash is re-run anyway.
+polls at ~10 req/s per waiting client read no disk. Logs of a running job live in memory and are
+written with each state change; a job interrupted by a crash is re-run anyway.
 
 States are fal's three (fal-protocol.md §5.2); a failed or cancelled job is COMPLETED with an error.
+COMPLETED is final: every write is guarded in SQL (`WHERE status != 'COMPLETED'`), so a job's result
+is written once even if two paths race to finish it, and the webhook delivery of a finished job is
+inserted in the same transaction as its result (a crash cannot separate the two).
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ import logging
 import sqlite3
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
+from ember.gateway.db import Database, Statement
 from ember.gateway.errors import ApiError
 from ember.gateway.paths import app_of
 
@@ -59,9 +61,14 @@ class Job:
     seed: int
     priority: Priority = "normal"
     webhook_url: str | None = None
-    # X-Fal-Request-Timeout: seconds the request may wait before it starts (kept; enforced later).
+    # X-Fal-Request-Timeout: seconds the request may wait before it first starts.
     start_timeout: float | None = None
     runner_hint: str | None = None
+    # Who submitted it: a short digest of the API key (the webhook's X-Fal-Webhook-User-Id).
+    owner: str = ""
+    # X-Fal-Object-Lifecycle-Preference `expiration_duration_seconds`: output files expire this long
+    # after they are written.
+    files_ttl: float | None = None
     status: Status = Status.IN_QUEUE
     attempts: int = 0
     created_at: float = field(default_factory=time.time)
@@ -72,16 +79,25 @@ class Job:
     # The output JSON text, exactly as answered.
     result: str | None = None
     error: ApiError | None = None
+    # (step, total) of the running attempt; in memory only (the SSE stream reads it).
+    progress: tuple[int, int] | None = field(default=None, compare=False)
 
     @property
     def app(self) -> str:
         return app_of(self.endpoint_id)
 
+    @property
+    def start_deadline(self) -> float | None:
+        """When the start timeout expires, if the job has one and has never started."""
+        if self.start_timeout is None or self.attempts > 0:
+            return None
+        return self.created_at + self.start_timeout
+
 
 _COLUMNS = (
     "id", "endpoint", "subpath", "mode", "input", "seed", "priority", "webhook_url", "start_timeout",
-    "runner_hint", "status", "attempts", "created_at", "started_at", "finished_at", "inference_time",
-    "logs", "result", "error",
+    "runner_hint", "owner", "files_ttl", "status", "attempts", "created_at", "started_at", "finished_at",
+    "inference_time", "logs", "result", "error",
 )
 
 _SCHEMA = """
@@ -107,15 +123,36 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (created_at) WHERE status != 'COMPLETED';
+-- One row per finished job that named a webhook; the webhook sender owns the row from then on.
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    job_id TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    state TEXT NOT NULL,            -- pending | delivered | failed
+    attempts INTEGER NOT NULL,
+    next_at REAL NOT NULL,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS webhook_pending ON webhook_deliveries (next_at) WHERE state = 'pending';
 """
+# Columns added after the first release (Database.migrate adds them to older databases).
+_ADDED_COLUMNS = {"jobs": {"owner": "TEXT NOT NULL DEFAULT ''", "files_ttl": "REAL"}}
+
+_UPSERT = (
+    f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)}) "
+    f"ON CONFLICT(id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _COLUMNS[1:])} "
+    "WHERE jobs.status != 'COMPLETED'"
+)
+
+_NEW_DELIVERY = ("INSERT OR IGNORE INTO webhook_deliveries (job_id, url, state, attempts, next_at) "
+                 "VALUES (?, ?, 'pending', 0, ?)")
 
 
 def _row(job: Job) -> tuple[Any, ...]:
     return (
         job.id, job.endpoint_id, job.subpath, job.mode, json.dumps(job.input), job.seed, job.priority,
-        job.webhook_url, job.start_timeout, job.runner_hint, job.status.value, job.attempts, job.created_at,
-        job.started_at, job.finished_at, job.inference_time, json.dumps(job.logs), job.result,
-        json.dumps(job.error.to_record()) if job.error else None,
+        job.webhook_url, job.start_timeout, job.runner_hint, job.owner, job.files_ttl, job.status.value,
+        job.attempts, job.created_at, job.started_at, job.finished_at, job.inference_time, json.dumps(job.logs),
+        job.result, json.dumps(job.error.to_record()) if job.error else None,
     )
 
 
@@ -124,6 +161,7 @@ def _job(row: sqlite3.Row) -> Job:
         id=row["id"], endpoint_id=row["endpoint"], subpath=row["subpath"], mode=row["mode"],
         input=json.loads(row["input"]), seed=row["seed"], priority=row["priority"],
         webhook_url=row["webhook_url"], start_timeout=row["start_timeout"], runner_hint=row["runner_hint"],
+        owner=row["owner"], files_ttl=row["files_ttl"],
         status=Status(row["status"]), attempts=row["attempts"], created_at=row["created_at"],
         started_at=row["started_at"], finished_at=row["finished_at"], inference_time=row["inference_time"],
         logs=json.loads(row["logs"]), result=row["result"],
@@ -131,47 +169,37 @@ def _job(row: sqlite3.Row) -> Job:
     )
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=5000")
-    conn.executescript(_SCHEMA)
-    return conn
-
-
 class JobStore:
     """Jobs by id; every state change goes through one of the transition methods below."""
 
-    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
-        self._conn = conn
-        self._executor = executor
+    def __init__(self, db: Database, owns_db: bool = False) -> None:
+        self.db = db
+        self._owns_db = owns_db
         self.active: dict[str, Job] = {}
         self._recent: OrderedDict[str, Job] = OrderedDict()
         self._recent_bytes = 0
         self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
+        self._changes: dict[str, asyncio.Event] = {}
 
     @classmethod
-    async def open(cls, path: Path) -> JobStore:
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobs-db")
-        conn = await asyncio.get_running_loop().run_in_executor(executor, _connect, path)
-        return cls(conn, executor)
+    async def open(cls, path: Path, db: Database | None = None) -> JobStore:
+        """The store over `db` (shared with the other stores), or over its own database at `path`."""
+        owns = db is None
+        database = db or await Database.open(path)
+        await database.migrate(_SCHEMA, _ADDED_COLUMNS)
+        return cls(database, owns_db=owns)
 
     async def _db(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        def run() -> list[sqlite3.Row]:
-            return self._conn.execute(sql, params).fetchall()
+        return await self.db.execute(sql, params)
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
-
-    async def _write(self, job: Job) -> None:
-        placeholders = ", ".join("?" for _ in _COLUMNS)
-        await self._db(f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}) VALUES ({placeholders})", _row(job))
+    async def _write(self, job: Job) -> bool:
+        """Writes the job unless the database already holds it COMPLETED; True if written."""
+        (count,) = await self.db.transaction([(_UPSERT, _row(job))])
+        return count > 0
 
     async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
-        self._executor.shutdown(wait=True)
+        if self._owns_db:
+            await self.db.close()
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -210,6 +238,19 @@ class JobStore:
             if waiters and future in waiters:
                 waiters.remove(future)
 
+    def change_event(self, job_id: str) -> asyncio.Event:
+        """Set at the job's next change (a log line, progress, a state change). Take the event first,
+        then read the job, then wait: a change in between is not missed."""
+        event = self._changes.get(job_id)
+        if event is None:
+            event = self._changes[job_id] = asyncio.Event()
+        return event
+
+    def _changed(self, job: Job) -> None:
+        event = self._changes.pop(job.id, None)
+        if event is not None:
+            event.set()
+
     # -- transitions -------------------------------------------------------------------------------
 
     async def add(self, job: Job) -> None:
@@ -223,25 +264,39 @@ class JobStore:
         job.status = Status.IN_PROGRESS
         job.attempts += 1
         job.started_at = time.time()
-        job.logs = []
+        job.progress = None
+        if job.attempts > 1:
+            self.log(job, f"attempt {job.attempts}")
         await self._write(job)
+        self._changed(job)
         log.info("job %s IN_PROGRESS (attempt %d)", job.id, job.attempts)
 
     def log(self, job: Job, message: str, level: str = "INFO") -> None:
         job.logs.append(log_entry(message, level))
+        self._changed(job)
+
+    def progress(self, job: Job, step: int, total: int) -> None:
+        job.progress = (step, total)
+        self.log(job, f"step {step}/{total}")
 
     async def requeue(self, job: Job, reason: str, count_attempt: bool = True) -> None:
         job.status = Status.IN_QUEUE
         job.started_at = None
+        job.progress = None
         if not count_attempt:
             job.attempts = max(0, job.attempts - 1)
+        self.log(job, f"back in the queue: {reason}", "WARN")
         await self._write(job)
         log.info("job %s IN_QUEUE again: %s", job.id, reason)
 
     async def finish(
         self, job: Job, *, result: str | None = None, error: ApiError | None = None,
-    ) -> None:
-        """COMPLETED with the output JSON text, or with an error."""
+    ) -> bool:
+        """COMPLETED with the output JSON text, or with an error. Once only: False (and nothing
+        written) when the job is already COMPLETED, here or in the database."""
+        if job.status is Status.COMPLETED:
+            log.warning("job %s is already COMPLETED; a second result was dropped", job.id)
+            return False
         job.status = Status.COMPLETED
         job.finished_at = time.time()
         if job.started_at is not None:
@@ -249,18 +304,31 @@ class JobStore:
         job.result = result
         job.error = error
         if error is not None:
-            self.log(job, f"{error.error_type.value}: {error.message}", "ERROR")
-        await self._write(job)
+            job.logs.append(log_entry(f"{error.error_type.value}: {error.message}", "ERROR"))
+        statements: list[Statement] = [(_UPSERT, _row(job))]
+        if job.webhook_url and job.mode == "queue":
+            statements.append((_NEW_DELIVERY, (job.id, job.webhook_url, job.finished_at)))
+        written, *_ = await self.db.transaction(statements)
         self.active.pop(job.id, None)
+        if not written:
+            log.warning("job %s was already COMPLETED in the database; kept that result", job.id)
+            stored = await self._db(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job.id,))
+            if stored:
+                kept = _job(stored[0])
+                job.result, job.error, job.finished_at = kept.result, kept.error, kept.finished_at
         self._remember(job)
+        self._changed(job)
         for future in self._waiters.pop(job.id, []):
             if not future.done():
                 future.set_result(job)
+        if not written:
+            return False
         if error is None:
             log.info("job %s COMPLETED in %.2fs", job.id, job.inference_time or 0.0)
         else:
             log.info("job %s COMPLETED with %d %s: %s", job.id, error.status_code, error.error_type.value,
                      error.message)
+        return True
 
     def _remember(self, job: Job) -> None:
         size = len(job.result or "")

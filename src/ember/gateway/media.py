@@ -43,8 +43,7 @@ def decode_image(data: bytes, *, mode: str = "RGB", max_pixels: int = MAX_INPUT_
                     f"image is {width}x{height}, more than {max_pixels} pixels", "image_too_large"
                 )
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return np.asarray(image.convert(mode))
+            return np.asarray(ImageOps.exif_transpose(image).convert(mode))
     except ImageInputError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -1,11 +1,15 @@
 """`/api/fal/proxy`: the endpoint the JS client's `proxyUrl` points at (fal-protocol.md §11).
 
 The JS client sends each request here unchanged, plus `x-fal-target-url: <the fal URL it meant>`. Like
-the official @fal-ai/server-proxy, we accept only its allow-list of targets (anything else is 400),
+the official @fal-ai/server-proxy, we accept only an allow-list of targets (anything else is 400),
 require an Authorization header (the client's own key; 401 otherwise), and answer with the target's
-status, body and headers. The target is served in-process: the run or queue app is called with the
-scope rewritten to the target's path and query, so responses (SSE included) stream through unbuffered.
-CORS headers go on every answer so that browsers can call the proxy cross-origin.
+status, body and headers. The target is served in-process: the run, queue or REST app is called with
+the scope rewritten to the target's path and query, so responses (SSE included) stream through
+unbuffered. CORS headers go on every answer so that browsers can call the proxy cross-origin.
+
+The allow-list is the official proxy's default (@fal-ai/server-proxy 1.2.1 `src/config.js`) plus two
+targets that it refuses by default but that the JS client needs for features this gateway serves:
+`rest.fal.ai/tokens/` (realtime tokens) and `.../initiate-multipart` (uploads over 90 MB).
 """
 
 from __future__ import annotations
@@ -22,12 +26,18 @@ TARGET_HEADER = b"x-fal-target-url"
 METHODS = ("GET", "POST", "PUT")
 
 # @fal-ai/server-proxy 1.2.1 `src/config.js`: globs over host + path + query.
-ALLOWED_TARGETS = (
+OFFICIAL_TARGETS = (
     "fal.run/**",
     "queue.fal.run/**",
     "rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3",
     "rest.fal.ai/storage/upload/complete-multipart?storage_type=fal-cdn-v3",
 )
+# What this gateway adds (see the module docstring).
+EXTRA_TARGETS = (
+    "rest.fal.ai/tokens/",
+    "rest.fal.ai/storage/upload/initiate-multipart?storage_type=fal-cdn-v3",
+)
+ALLOWED_TARGETS = OFFICIAL_TARGETS + EXTRA_TARGETS
 
 CORS_HEADERS = [
     (b"access-control-allow-origin", b"*"),
@@ -71,10 +81,11 @@ def allowed_target(url: str) -> tuple[str, str, str] | None:
 
 
 class FalProxy:
-    """ASGI app for `/api/fal/proxy`; `run_app` and `queue_app` serve fal.run and queue.fal.run."""
+    """ASGI app for `/api/fal/proxy`; `run_app`, `queue_app` and `rest_app` serve fal.run, queue.fal.run
+    and rest.fal.ai."""
 
-    def __init__(self, run_app: ASGIApp, queue_app: ASGIApp) -> None:
-        self.targets: dict[str, ASGIApp] = {"fal.run": run_app, "queue.fal.run": queue_app}
+    def __init__(self, run_app: ASGIApp, queue_app: ASGIApp, rest_app: ASGIApp) -> None:
+        self.targets: dict[str, ASGIApp] = {"fal.run": run_app, "queue.fal.run": queue_app, "rest.fal.ai": rest_app}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_cors(message: Message) -> None:

@@ -1,23 +1,38 @@
-"""The run host (fal-protocol.md §4): `POST /{endpoint_id}` runs the request and answers its output.
+"""The run host (fal-protocol.md §4, §8): `POST /{endpoint_id}` runs the request and answers its
+output; `POST /{endpoint_id}/stream` answers server-sent events while it runs.
 
-A sync run is a job like a queued one (same validation, worker, retries and storage); the handler only
-waits for it. If the caller hangs up first, the job is cancelled.
+A sync run or a stream is a job like a queued one (same validation, worker, retries and storage); the
+handler only waits for it, or watches it. If the caller hangs up first, the job is cancelled.
+
+Stream events (`data: <json>`), in order:
+- while queued: `{"status": "IN_QUEUE", "request_id", "queue_position"}` (once);
+- per step: `{"status": "IN_PROGRESS", "request_id", "progress": {"step", "total"}, "logs": [new lines]}`;
+- last: the output JSON itself, exactly what a sync run answers, so JS `done()` and the last event of
+  PY `fal_client.stream` are the result; or, if the job failed, its error body (`detail`,
+  `error_type`, `message`) plus `"status_code"`. Errors found before the job is accepted (422, 401,
+  404, 413) are plain JSON answers with that status, as fal does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from starlette.responses import Response
 
-from ember.gateway.jobs import Job
+from ember.gateway.jobs import Job, Status
 from ember.gateway.state import GatewayState
 from ember.gateway.web import (
+    SSE_KEEPALIVE_S,
     error_response,
     raw_json_response,
     require_key,
+    sse_event,
+    sse_response,
     state_of,
     submit_options,
     validated_request,
@@ -28,8 +43,7 @@ def result_response(job: Job) -> Response:
     """A finished job's answer: the output JSON, or its stored error (status, body, x-fal-error-type)."""
     if job.error is not None:
         return error_response(job.error, job.id)
-    assert job.result is not None
-    return raw_json_response(job.result, 200, job.id)
+    return raw_json_response(job.result or "null", 200, job.id)
 
 
 async def _disconnected(request: Request) -> None:
@@ -56,11 +70,56 @@ async def wait_for_job(request: Request, state: GatewayState, job: Job) -> Job |
 
 
 async def run(request: Request, path: str) -> Response:
-    require_key(request)
+    owner = require_key(request)
     state = state_of(request)
     valid = await validated_request(request, path)
-    job = await state.submit(valid, "run", submit_options(request))
+    job = await state.submit(valid, "run", await submit_options(request, owner))
     done = await wait_for_job(request, state, job)
     if done is None:
         return Response(status_code=204, headers={"x-fal-request-id": job.id})  # nobody is listening
     return result_response(done)
+
+
+def final_event(job: Job) -> dict[str, Any] | Any:
+    if job.error is not None:
+        return {**job.error.body(), "status_code": job.error.status_code}
+    return json.loads(job.result or "null")
+
+
+async def job_events(state: GatewayState, job: Job) -> AsyncIterator[bytes]:
+    """The stream events of `job` until it completes (see the module docstring)."""
+    sent_logs = 0
+    announced_queue = False
+    try:
+        while True:
+            if job.status is Status.COMPLETED:  # final: no change event needed (none is left behind)
+                yield sse_event(final_event(job))
+                return
+            changed = state.jobs.change_event(job.id)
+            if job.status is Status.IN_QUEUE and not announced_queue:
+                announced_queue = True
+                yield sse_event({"status": "IN_QUEUE", "request_id": job.id,
+                                 "queue_position": state.worker.position(job)})
+            elif job.status is Status.IN_PROGRESS and len(job.logs) != sent_logs:
+                sent_logs = min(sent_logs, len(job.logs))
+                event: dict[str, Any] = {"status": "IN_PROGRESS", "request_id": job.id,
+                                         "logs": job.logs[sent_logs:]}
+                if job.progress is not None:
+                    event["progress"] = {"step": job.progress[0], "total": job.progress[1]}
+                sent_logs = len(job.logs)
+                yield sse_event(event)
+            try:
+                await asyncio.wait_for(changed.wait(), SSE_KEEPALIVE_S)
+            except TimeoutError:
+                yield b": keep-alive\n\n"
+    finally:
+        if job.status is not Status.COMPLETED:  # the caller went away: stop the work
+            state.worker.cancel_soon(job)
+
+
+async def stream(request: Request, path: str) -> Response:
+    owner = require_key(request)
+    state = state_of(request)
+    valid = await validated_request(request, path, ("/stream",))
+    job = await state.submit(valid, "run", await submit_options(request, owner))
+    return sse_response(job_events(state, job), job.id)

@@ -1,8 +1,14 @@
-"""Runs the gateway: three uvicorn listeners on one event loop over one GatewayState.
+"""Runs the gateway: four uvicorn listeners on one event loop over one GatewayState.
 
-SIGINT / SIGTERM (or `stop` set by a caller) stop it cleanly: the listeners stop accepting, running
-jobs get `drain_timeout` seconds to finish and are re-queued otherwise, answers in flight are sent,
-then the stores and the backend are closed. A second signal stops without waiting.
+SIGINT / SIGTERM (or `stop` set by a caller) stop it cleanly, in this order:
+1. readiness drops (/ready answers 503; new realtime sessions and sync runs are refused);
+2. running jobs get EMBER_DRAIN_TIMEOUT seconds to finish, then go back to the queue; meanwhile the
+   listeners keep answering status and result polls, and submits are stored for the next start;
+3. the listeners stop and send what is in flight; 4. the stores and the backend close.
+A second signal stops without waiting.
+
+Query strings never reach the logs (uvicorn's access and websocket lines): they carry realtime tokens
+(`fal_jwt_token`) and webhook URLs.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import socket
 from collections.abc import Generator
@@ -24,7 +31,27 @@ from ember.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DRAIN_TIMEOUT_S = 30.0
+# Seconds uvicorn gives answers still in flight once the listeners stop (the jobs are drained by then).
+LISTENER_GRACE_S = 5
+KEEP_ALIVE_S = 75
+_QUERY = re.compile(r"\?[^\s\"]*")
+
+
+class RedactQueries(logging.Filter):
+    """Drops the query string from the paths uvicorn logs (`/fal-ai/lcm/realtime?fal_jwt_token=...`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_QUERY.sub("?…", a) if isinstance(a, str) and a.startswith("/") else a
+                                for a in record.args)
+        return True
+
+
+def install_log_redaction() -> None:
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactQueries) for f in logger.filters):
+            logger.addFilter(RedactQueries())
 
 
 class _Server(uvicorn.Server):
@@ -45,7 +72,7 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _config(app: object, settings: Settings, tls: TlsFiles | None, drain_timeout: float) -> uvicorn.Config:
+def _config(app: object, settings: Settings, tls: TlsFiles | None) -> uvicorn.Config:
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         lifespan="off",  # the shared state is opened and closed by serve(), not per app
@@ -54,22 +81,26 @@ def _config(app: object, settings: Settings, tls: TlsFiles | None, drain_timeout
         ssl_certfile=str(tls.cert) if tls else None,
         ssl_keyfile=str(tls.key) if tls else None,
         server_header=False,
-        timeout_graceful_shutdown=int(drain_timeout) + 10,
+        timeout_graceful_shutdown=LISTENER_GRACE_S,
+        # Idle keep-alive connections stay open this long (uvicorn's default of 5 s races clients that
+        # reuse a connection just as the server closes it; 75 s is nginx's default).
+        timeout_keep_alive=KEEP_ALIVE_S,
+        ws_max_size=32 * 1024 * 1024,
     )
 
 
 async def serve(
     settings: Settings, backend: Backend | None = None, *, stop: asyncio.Event | None = None,
-    drain_timeout: float = DRAIN_TIMEOUT_S,
+    drain_timeout: float | None = None,
 ) -> None:
     """Serve until SIGINT / SIGTERM (or `stop`). The gateway owns `backend` (default: TritonBackend at
-    settings.triton_grpc_url, created here on the running loop) and closes it at the end.
-
-    Shutdown order: stop accepting connections; drain the workers (sync runs still waiting get their
-    answer); let the listeners send what is in flight; then close the stores and the backend."""
-    tls = ensure_tls(settings.var_dir, settings.public_host)
+    settings.triton_grpc_url, created here on the running loop) and closes it at the end. The
+    shutdown order is the module docstring's; `drain_timeout` overrides EMBER_DRAIN_TIMEOUT."""
+    drain = settings.drain_timeout if drain_timeout is None else drain_timeout
+    install_log_redaction()
+    tls = ensure_tls(settings.var_dir, settings.public_host, settings.tls_hosts)
     listeners = [("run", settings.run_port, tls), ("queue", settings.queue_port, tls),
-                 ("http", settings.http_port, None)]
+                 ("rest", settings.rest_port, tls), ("http", settings.http_port, None)]
     sockets: dict[str, socket.socket] = {}
     try:
         for name, port, _ in listeners:
@@ -80,8 +111,8 @@ async def serve(
             sock.close()
         raise
     apps = build_apps(state)
-    app_of = {"run": apps.run, "queue": apps.queue, "http": apps.http}
-    servers = {name: _Server(_config(app_of[name], settings, t, drain_timeout)) for name, _, t in listeners}
+    app_of = {"run": apps.run, "queue": apps.queue, "rest": apps.rest, "http": apps.http}
+    servers = {name: _Server(_config(app_of[name], settings, t)) for name, _, t in listeners}
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -109,17 +140,19 @@ async def serve(
         for name, task in tasks.items():
             if task.done() and not task.cancelled() and task.exception() is not None:
                 log.error("%s listener failed: %s", name, task.exception())
-        log.info("stopping: no new connections; draining jobs")
+        state.stopping = True
+        log.info("stopping: readiness is down; draining running jobs (up to %.0fs)", drain)
+        await state.worker.drain(drain)
+        log.info("drained; closing the listeners")
         for server in servers.values():
             server.should_exit = True
-        await state.worker.drain(drain_timeout)
         await asyncio.gather(*tasks.values(), return_exceptions=True)
     finally:
         stopper.cancel()
         for sig in signals:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
-        await state.close(drain_timeout)
+        await state.close(drain)
         for sock in sockets.values():
             sock.close()
     log.info("gateway stopped")

@@ -1,7 +1,10 @@
-"""What the three listeners share: settings, backend, keys, jobs, files and the worker pool."""
+"""What the four listeners share: settings, backend, keys, the database (jobs, webhook deliveries,
+file records), files, the fetcher, the worker pool, the webhook sender and the metrics."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 import uuid
@@ -13,9 +16,15 @@ from pydantic import BaseModel
 from ember.endpoints.base import Endpoint
 from ember.gateway.auth import KeyStore
 from ember.gateway.backend import Backend
+from ember.gateway.db import Database
 from ember.gateway.errors import ApiError, ErrorType
+from ember.gateway.fetcher import Fetcher, FetchPolicy
 from ember.gateway.files import FileStore
+from ember.gateway.inputs import GatewayMedia
 from ember.gateway.jobs import Job, JobStore, Mode, Priority
+from ember.gateway.metrics import Metrics
+from ember.gateway.tokens import Signer
+from ember.gateway.webhooks import WebhookKey, WebhookSender
 from ember.gateway.worker import Worker
 from ember.settings import Settings
 
@@ -24,11 +33,13 @@ log = logging.getLogger(__name__)
 # Random seeds stay below 2**32: JS clients read JSON numbers as doubles (exact only below 2**53),
 # and fal's own random seeds are of this size.
 RANDOM_SEED_BOUND = 2**32
+SWEEP_INTERVAL_S = 30.0
 
 
-def base_url(host: str, port: int) -> str:
+def base_url(host: str, port: int, scheme: str = "https") -> str:
     host = f"[{host}]" if ":" in host else host
-    return f"https://{host}" if port == 443 else f"https://{host}:{port}"
+    default = 443 if scheme == "https" else 80
+    return f"{scheme}://{host}" if port == default else f"{scheme}://{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -50,40 +61,84 @@ class SubmitOptions:
     priority: Priority = "normal"
     start_timeout: float | None = None
     runner_hint: str | None = None
+    # X-Fal-Object-Lifecycle-Preference: output files expire this many seconds after they are written.
+    files_ttl: float | None = None
+    owner: str = ""
 
 
 class GatewayState:
     def __init__(
-        self, settings: Settings, backend: Backend, keys: KeyStore, jobs: JobStore, files: FileStore,
-        worker: Worker,
+        self, settings: Settings, backend: Backend, keys: KeyStore, db: Database, jobs: JobStore,
+        files: FileStore, fetcher: Fetcher, media: GatewayMedia, worker: Worker, webhooks: WebhookSender,
+        signer: Signer, webhook_key: WebhookKey, metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.backend = backend
         self.keys = keys
+        self.db = db
         self.jobs = jobs
         self.files = files
+        self.fetcher = fetcher
+        self.media = media
         self.worker = worker
+        self.webhooks = webhooks
+        self.signer = signer
+        self.webhook_key = webhook_key
+        self.metrics = metrics
         self.run_base = base_url(settings.public_host, settings.run_port)
         self.queue_base = base_url(settings.public_host, settings.queue_port)
+        self.rest_base = base_url(settings.public_host, settings.rest_port)
+        self.http_base = base_url(settings.public_host, settings.http_port, "http")
+        # Set when shutdown starts: /ready answers 503 from then on (load balancers stop sending).
+        self.stopping = False
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
 
     @classmethod
     async def open(
-        cls, settings: Settings, backend: Backend, *, start_worker: bool = True, max_attempts: int = 3,
-        retry_delay: float = 1.0,
+        cls, settings: Settings, backend: Backend, *, start_worker: bool = True, max_attempts: int | None = None,
+        retry_delay: float | None = None,
     ) -> GatewayState:
-        """Open the stores, re-queue unfinished jobs and (unless told not to) start the workers.
-
-        `start_worker=False` accepts and persists jobs without running them (tests, a read-only
-        replica)."""
+        """Open the stores, re-queue unfinished jobs and (unless told not to) start the workers and the
+        webhook sender. `start_worker=False` accepts and persists jobs without running them (tests, a
+        read-only replica); `max_attempts` / `retry_delay` override the settings (tests)."""
         keys = KeyStore.from_settings(settings)
-        jobs = await JobStore.open(settings.db_path)
-        files = FileStore(settings.files_dir, base_url(settings.public_host, settings.run_port))
-        worker = Worker(jobs, backend, files, settings.worker_concurrency,
-                        max_attempts=max_attempts, retry_delay=retry_delay)
+        db = await Database.open(settings.db_path)
+        jobs = await JobStore.open(settings.db_path, db=db)
+        run_base = base_url(settings.public_host, settings.run_port)
+        files = FileStore(settings.files_dir, run_base, db)
+        await files.load()
+        fetcher = Fetcher(FetchPolicy(max_bytes=settings.fetch_max_bytes, timeout_s=settings.fetch_timeout,
+                                      allow=settings.fetch_allow))
+        own = (run_base, base_url(settings.public_host, settings.rest_port),
+               base_url(settings.public_host, settings.http_port, "http"))
+        media = GatewayMedia(fetcher, files, own, max_image_bytes=settings.fetch_max_bytes,
+                             max_weights_bytes=settings.weights_max_bytes)
+        metrics = Metrics()
+        worker = Worker(jobs, backend, files, media, settings.worker_concurrency,
+                        max_attempts=settings.max_attempts if max_attempts is None else max_attempts,
+                        retry_delay=settings.retry_delay if retry_delay is None else retry_delay, metrics=metrics)
+        signer = Signer.from_file(settings.keys_dir / "signing-secret")
+        webhook_key = WebhookKey.from_file(settings.keys_dir / "webhook-ed25519.pem")
+        webhooks = WebhookSender(db, jobs, fetcher, webhook_key, metrics, attempts=settings.webhook_attempts,
+                                 timeout=settings.webhook_timeout, retry_delay=settings.webhook_retry_delay)
+        worker.on_finished.append(webhooks.wake)
+        state = cls(settings, backend, keys, db, jobs, files, fetcher, media, worker, webhooks, signer,
+                    webhook_key, metrics)
         await worker.recover()
         if start_worker:
             worker.start()
-        return cls(settings, backend, keys, jobs, files, worker)
+            await webhooks.start()
+            state._sweeper = asyncio.create_task(state._sweep_files(), name="ember-file-sweeper")
+        return state
+
+    async def _sweep_files(self) -> None:
+        while True:
+            try:
+                await self.files.sweep()
+            except Exception:
+                log.exception("file sweep failed")
+            await asyncio.sleep(SWEEP_INTERVAL_S)
 
     def request_urls(self, job: Job) -> dict[str, str]:
         """Absolute https URLs on the queue host at `{app}` level (fal-protocol.md §5.1)."""
@@ -103,17 +158,29 @@ class GatewayState:
         job = Job(
             id=str(uuid.uuid4()), endpoint_id=request.endpoint.endpoint_id, subpath=request.subpath, mode=mode,
             input=request.data, seed=secrets.randbelow(RANDOM_SEED_BOUND) if seed is None else seed,
-            priority=options.priority, webhook_url=options.webhook_url, start_timeout=options.start_timeout,
-            runner_hint=options.runner_hint,
+            priority=options.priority, webhook_url=options.webhook_url if mode == "queue" else None,
+            start_timeout=options.start_timeout, runner_hint=options.runner_hint, owner=options.owner,
+            files_ttl=options.files_ttl,
         )
         await self.jobs.add(job)
         self.worker.enqueue(job)
         return job
 
-    async def close(self, drain_timeout: float = 30.0) -> None:
-        """Drain the workers (see Worker.drain; a second drain is a no-op), then close the stores
-        and the backend."""
-        await self.worker.drain(drain_timeout)
+    async def close(self, drain_timeout: float | None = None) -> None:
+        """Drain the workers (see Worker.drain; a second drain is a no-op), stop the webhook sender
+        (pending deliveries stay in the database), then close the stores and the backend."""
+        if self._closed:
+            return
+        self._closed = True
+        self.stopping = True
+        await self.worker.drain(self.settings.drain_timeout if drain_timeout is None else drain_timeout)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.webhooks.close()
+        await self.fetcher.close()
         await self.jobs.close()
+        await self.db.close()
         self.files.close()
         await self.backend.close()

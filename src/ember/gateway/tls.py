@@ -40,19 +40,20 @@ def tls_dir_of(var_dir: Path) -> Path:
     return var_dir / "tls"
 
 
-def _san_entries(public_host: str) -> list[x509.GeneralName]:
+def _san_entries(public_host: str, extra_hosts: tuple[str, ...] = ()) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = [
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         x509.DNSName("localhost"),
     ]
-    try:
-        address = ipaddress.ip_address(public_host)
-    except ValueError:
-        if public_host and public_host != "localhost":
-            names.append(x509.DNSName(public_host))
-    else:
-        if str(address) != "127.0.0.1":
-            names.append(x509.IPAddress(address))
+    seen = {"127.0.0.1", "localhost"}
+    for host in (public_host, *extra_hosts):
+        if not host or host in seen:
+            continue
+        seen.add(host)
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
     return names
 
 
@@ -64,12 +65,12 @@ def certificate_hosts(cert: x509.Certificate) -> set[str]:
     }
 
 
-def _covers(cert: x509.Certificate, public_host: str) -> bool:
+def _covers(cert: x509.Certificate, public_host: str, extra_hosts: tuple[str, ...] = ()) -> bool:
     try:
         hosts = certificate_hosts(cert)
     except x509.ExtensionNotFound:
         return False
-    wanted = {"127.0.0.1", "localhost", public_host}
+    wanted = {"127.0.0.1", "localhost", public_host, *extra_hosts}
     fresh = cert.not_valid_after_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
     return wanted <= hosts and fresh
 
@@ -82,7 +83,7 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def _create(cert_path: Path, key_path: Path, public_host: str) -> None:
+def _create(cert_path: Path, key_path: Path, public_host: str, extra_hosts: tuple[str, ...] = ()) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([
         x509.NameAttribute(NameOID.COMMON_NAME, public_host or "127.0.0.1"),
@@ -98,7 +99,7 @@ def _create(cert_path: Path, key_path: Path, public_host: str) -> None:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
-        .add_extension(x509.SubjectAlternativeName(_san_entries(public_host)), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_san_entries(public_host, extra_hosts)), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -130,20 +131,22 @@ def _system_cas() -> bytes:
     return Path(certifi.where()).read_bytes()
 
 
-def ensure_tls(var_dir: Path, public_host: str) -> TlsFiles:
-    """The certificate, key and client bundle under `var_dir/tls`, created or renewed as needed."""
+def ensure_tls(var_dir: Path, public_host: str, extra_hosts: tuple[str, ...] = ()) -> TlsFiles:
+    """The certificate, key and client bundle under `var_dir/tls`, created or renewed as needed; its SAN
+    covers 127.0.0.1, localhost, `public_host` and `extra_hosts` (EMBER_TLS_HOSTS)."""
     directory = tls_dir_of(var_dir)
     directory.mkdir(parents=True, exist_ok=True)
     files = TlsFiles(cert=directory / "cert.pem", key=directory / "key.pem", bundle=directory / "bundle.pem")
     reuse = False
     if files.cert.is_file() and files.key.is_file():
         try:
-            reuse = _covers(x509.load_pem_x509_certificate(files.cert.read_bytes()), public_host)
+            reuse = _covers(x509.load_pem_x509_certificate(files.cert.read_bytes()), public_host, extra_hosts)
         except ValueError:
             reuse = False
     if not reuse:
-        _create(files.cert, files.key, public_host)
-        log.info("created a self-signed certificate for 127.0.0.1, localhost, %s in %s", public_host, directory)
+        _create(files.cert, files.key, public_host, extra_hosts)
+        log.info("created a self-signed certificate for 127.0.0.1, localhost, %s in %s",
+                 ", ".join((public_host, *extra_hosts)), directory)
     cas = _system_cas()
     if cas and not cas.endswith(b"\n"):
         cas += b"\n"

@@ -3,6 +3,8 @@ bounded body reading and input validation."""
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
 import logging
 import uuid
@@ -13,20 +15,22 @@ from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ember.endpoints.common import InputError
 from ember.endpoints.registry import find_endpoint
 from ember.gateway.errors import ApiError, ErrorType, from_input_error, from_pydantic
+from ember.gateway.fetcher import FetchError
 from ember.gateway.jobs import Priority
 from ember.gateway.state import GatewayState, SubmitOptions, ValidRequest
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID = "x-fal-request-id"
-# Sub-paths after an endpoint id that run and submit serve; "/stream" and "/realtime" come later.
-SERVED_SUBPATHS = ("",)
+# Seconds a submit may spend resolving its webhook's host (a failure to resolve is not an error then:
+# delivery retries; an address that is not public is).
+WEBHOOK_CHECK_TIMEOUT_S = 2.0
 
 
 def _dumps(body: Any) -> bytes:
@@ -49,11 +53,22 @@ def raw_json_response(
     return Response(content=content, status_code=status_code, media_type="application/json", headers=all_headers)
 
 
+# Seconds between SSE comment lines while nothing happens (keeps proxies from closing an idle stream).
+SSE_KEEPALIVE_S = 10.0
+
+
+def sse_event(body: Any) -> bytes:
+    """One server-sent event: `data: <json>` and a blank line (fal-protocol.md §8)."""
+    return b"data: " + _dumps(body) + b"\n\n"
+
+
+def sse_response(events: Any, request_id: str) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers={
+        REQUEST_ID: request_id, "cache-control": "no-store", "x-accel-buffering": "no"})
+
+
 def error_response(error: ApiError, request_id: str | None = None) -> Response:
-    return json_response(
-        error.body(), error.status_code, request_id or str(uuid.uuid4()),
-        {"x-fal-error-type": error.error_type.value},
-    )
+    return json_response(error.body(), error.status_code, request_id or str(uuid.uuid4()), error.headers())
 
 
 class RequestIdMiddleware:
@@ -103,12 +118,15 @@ def state_of(request: Request) -> GatewayState:
     return state
 
 
-def require_key(request: Request) -> None:
-    if not state_of(request).keys.verify(request.headers.get("authorization")):
+def require_key(request: Request) -> str:
+    """The caller's owner id (auth.KeyStore.owner_of); 401 without a valid `Authorization: Key`."""
+    owner = state_of(request).keys.owner_of(request.headers.get("authorization"))
+    if owner is None:
         if "authorization" not in request.headers:
             raise ApiError(ErrorType.UNAUTHORIZED,
                            "Missing credentials: send the header 'Authorization: Key <key_id>:<key_secret>'")
         raise ApiError(ErrorType.UNAUTHORIZED, "Invalid API key")
+    return owner
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -145,16 +163,22 @@ def parse_json_object(body: bytes) -> Any:
         raise ApiError.validation([{"loc": ["body"], "msg": "JSON decode error", "type": "json_invalid"}])
 
 
-async def validated_request(request: Request, path: str) -> ValidRequest:
-    """The endpoint `path` names and its validated input: 404 for an unknown endpoint or sub-path,
-    413 for a body too large, 422 for input the schema or the endpoint's checks refuse."""
+async def validated_request(request: Request, path: str, subpaths: tuple[str, ...] = ("",)) -> ValidRequest:
+    """The endpoint `path` names and its validated input: 404 for an unknown endpoint or a sub-path
+    not in `subpaths`, 413 for a body too large, 422 for input the schema or the endpoint's checks
+    refuse."""
     found = find_endpoint(path.strip("/"))
     if found is None:
         raise ApiError(ErrorType.NOT_FOUND, f"Application '{path.strip('/')}' not found")
     endpoint, subpath = found
-    if subpath not in SERVED_SUBPATHS:
+    if subpath not in subpaths:
         raise ApiError(ErrorType.NOT_FOUND, f"{endpoint.endpoint_id} has no path '{subpath}'")
     data = parse_json_object(await read_body(request, state_of(request).settings.max_body_bytes))
+    return validate_input(endpoint, subpath, data)
+
+
+def validate_input(endpoint: Any, subpath: str, data: Any) -> ValidRequest:
+    """One input against the endpoint's schema and checks (the realtime frames use this too)."""
     try:
         inp = endpoint.input_model.model_validate(data)
     except ValidationError as exc:
@@ -166,14 +190,58 @@ async def validated_request(request: Request, path: str) -> ValidRequest:
     return ValidRequest(endpoint=endpoint, subpath=subpath, input=inp, data=data)
 
 
-def submit_options(request: Request) -> SubmitOptions:
-    """`?fal_webhook=`, `X-Fal-Queue-Priority`, `X-Fal-Request-Timeout` and `X-Fal-Runner-Hint`."""
+def lifecycle_ttl(request: Request, header: str) -> float | None:
+    """`expiration_duration_seconds` of an X-Fal-Object-Lifecycle[-Preference] header (fal-protocol.md
+    §3.1), or None; 422 when the header is not that JSON. `initial_acl` is accepted and not enforced:
+    file URLs are unguessable capabilities."""
+    raw = request.headers.get(header)
+    if raw is None:
+        return None
+    problem = ApiError.validation([{"loc": ["header", header.lower()], "type": "value_error",
+                                    "msg": "must be JSON with a positive expiration_duration_seconds"}])
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise problem from None
+    seconds = value.get("expiration_duration_seconds") if isinstance(value, dict) else 0
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < 2**31:
+        raise problem
+    return float(seconds)
+
+
+async def check_webhook_url(state: GatewayState, url: str) -> str | None:
+    """Why a webhook URL is refused at submit, or None. A host that does not resolve (yet) passes:
+    delivery resolves again, and retries; one that resolves to a non-public address does not."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        return "must be an http(s) URL without credentials"
+    try:
+        ipaddress.ip_address(parts.hostname)
+        literal = True
+    except ValueError:
+        literal = False
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        await asyncio.wait_for(state.fetcher.resolve(parts.hostname, port), WEBHOOK_CHECK_TIMEOUT_S)
+    except FetchError as exc:
+        if exc.kind == "url_not_allowed" or literal:
+            return exc.msg
+    except (TimeoutError, ValueError):
+        pass
+    return None
+
+
+async def submit_options(request: Request, owner: str = "") -> SubmitOptions:
+    """`?fal_webhook=`, `X-Fal-Queue-Priority`, `X-Fal-Request-Timeout`, `X-Fal-Runner-Hint` and
+    `X-Fal-Object-Lifecycle-Preference`."""
     problems = []
     webhook = request.query_params.get("fal_webhook")
     if webhook is not None:
-        parts = urlsplit(webhook)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            problems.append({"loc": ["query", "fal_webhook"], "msg": "must be an http(s) URL", "type": "url_parsing"})
+        why = await check_webhook_url(state_of(request), webhook)
+        if why is not None:
+            problems.append({"loc": ["query", "fal_webhook"], "msg": why, "type": "url_parsing"})
     priority: Priority = "normal"
     raw_priority = request.headers.get("x-fal-queue-priority")
     if raw_priority is not None:
@@ -195,4 +263,5 @@ def submit_options(request: Request) -> SubmitOptions:
     if problems:
         raise ApiError.validation(problems)
     return SubmitOptions(webhook_url=webhook, priority=priority, start_timeout=start_timeout,
-                         runner_hint=request.headers.get("x-fal-runner-hint"))
+                         runner_hint=request.headers.get("x-fal-runner-hint"), owner=owner,
+                         files_ttl=lifecycle_ttl(request, "x-fal-object-lifecycle-preference"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 from ember.pipeline.requests import Text2ImageRequest
 
@@ -16,16 +16,21 @@ def batch_key(request: Text2ImageRequest) -> Hashable:
     return (request.width, request.height, request.num_inference_steps)
 
 
-def group_compatible(requests: Sequence[Text2ImageRequest], max_images: int) -> list[list[int]]:
-    """Indices of `requests` grouped by batch_key, in arrival order, at most `max_images` images a group."""
+def group_compatible(
+    requests: Sequence[Text2ImageRequest],
+    max_images: int,
+    key: Callable[[Text2ImageRequest], Hashable] = batch_key,
+) -> list[list[int]]:
+    """Indices of `requests` grouped by `key` (an endpoint may add its own fields to batch_key), in arrival
+    order, at most `max_images` images a group."""
     groups: list[list[int]] = []
     open_group: dict[Hashable, int] = {}  # key -> position in `groups` of the group still filling
     images: list[int] = []
     for index, request in enumerate(requests):
-        key = batch_key(request)
-        slot = open_group.get(key)
+        group = key(request)
+        slot = open_group.get(group)
         if slot is None or images[slot] + request.num_images > max_images:
-            open_group[key] = slot = len(groups)
+            open_group[group] = slot = len(groups)
             groups.append([])
             images.append(0)
         groups[slot].append(index)

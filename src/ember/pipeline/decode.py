@@ -17,3 +17,10 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     (denormalize, clamp, * 255, round), so equal floats give equal pixels."""
     images = (images.float().cpu() / 2 + 0.5).clamp(0, 1)
     return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
+
+
+def unit_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in about [0, 1] (decoders with no [-1, 1] convention, e.g. Stable Cascade's VQGAN)
+    -> (N, H, W, 3) uint8: clamp, * 255, round, as diffusers' pipelines and numpy_to_pil do."""
+    images = images.float().cpu().clamp(0, 1)
+    return (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8)

@@ -17,6 +17,25 @@ from ember.runtime import Runner
 
 
 @dataclass
+class InpaintBlend:
+    """Inpainting with a plain (4-channel) LCM UNet, as diffusers' StableDiffusionInpaintPipeline does it:
+    after every step, outside the mask the latents are replaced by the input image's latents noised to the
+    next timestep (unnoised after the last step), so only the masked area is generated."""
+
+    image_latents: torch.Tensor  # (k, C, h, w) scaled latents of the input image
+    noise: torch.Tensor  # (k, C, h, w) the noise the initial latents were made with
+    mask: torch.Tensor  # (k, 1, h, w) 1 = fill, nearest-resized to the latent grid
+
+    def __call__(
+        self, scheduler: SchedulerMixin, timesteps: torch.Tensor, i: int, latents: torch.Tensor
+    ) -> torch.Tensor:
+        known = self.image_latents
+        if i < len(timesteps) - 1:
+            known = scheduler.add_noise(known, self.noise, torch.tensor([timesteps[i + 1]]))
+        return (1 - self.mask) * known + self.mask * latents
+
+
+@dataclass
 class DenoiseSlot:
     """One request's share of a batched denoising run."""
 
@@ -27,8 +46,16 @@ class DenoiseSlot:
     text_embeddings: torch.Tensor  # (k, 77, D)
     timestep_cond: torch.Tensor  # (k, time_cond_proj_dim)
     is_cancelled: Callable[[], bool]
+    # The timesteps this request walks: None = all of scheduler.timesteps; a tail of them for inpainting
+    # with strength < 1 (diffusers' get_timesteps). Slots of one batch walk the same number of steps.
+    timesteps: torch.Tensor | None = None
+    inpaint: InpaintBlend | None = None
     denoised: torch.Tensor | None = None  # (k, C, h, w) after the last step
     cancelled: bool = False
+
+    def __post_init__(self) -> None:
+        if self.timesteps is None:
+            self.timesteps = self.scheduler.timesteps
 
 
 def lcm_denoise(unet: Runner, slots: list[DenoiseSlot], on_step: StepCallback) -> None:
@@ -37,7 +64,7 @@ def lcm_denoise(unet: Runner, slots: list[DenoiseSlot], on_step: StepCallback) -
     Cancellation is polled before every step: a cancelled request leaves the batch at once, so at most
     the step already running is spent on it. The loop ends when every slot is done or cancelled.
     """
-    total = len(slots[0].scheduler.timesteps)
+    total = len(slots[0].timesteps)
     active: list[DenoiseSlot] = []
     conditioning: dict[str, torch.Tensor] = {}
     for i in range(total):
@@ -53,7 +80,7 @@ def lcm_denoise(unet: Runner, slots: list[DenoiseSlot], on_step: StepCallback) -
                 "encoder_hidden_states": torch.cat([s.text_embeddings for s in active]),
                 "timestep_cond": torch.cat([s.timestep_cond for s in active]),
             }
-        steps = [s.scheduler.timesteps[i] for s in active]
+        steps = [s.timesteps[i] for s in active]
         sizes = [s.latents.shape[0] for s in active]
         noise_pred = unet.run(
             {
@@ -68,4 +95,7 @@ def lcm_denoise(unet: Runner, slots: list[DenoiseSlot], on_step: StepCallback) -
             slot.latents, slot.denoised = slot.scheduler.step(
                 pred, t, slot.latents, generator=slot.generator, return_dict=False
             )
+            if slot.inpaint is not None:
+                # diffusers' inpainting pipeline continues from, and finally decodes, the blended latents
+                slot.latents = slot.denoised = slot.inpaint(slot.scheduler, slot.timesteps, i, slot.latents)
             on_step(slot.index, i + 1, total)

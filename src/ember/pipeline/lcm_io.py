@@ -1,8 +1,11 @@
 """The `lcm` Triton model's tensor contract (model_repository/lcm/config.pbtxt) as plain numpy arrays.
 
 Kept out of model.py so it is tested without Triton. Every input arrives with the batch dimension of 1
-that max_batch_size > 0 adds: (1, 1). Outputs carry it too: IMAGES (1, N, H, W, 3), NSFW (1, N),
-PROGRESS (1, 2), TIMINGS (1, 1).
+that max_batch_size > 0 adds: scalars (1, 1), IMAGE (1, H, W, 3), MASK (1, H, W). Outputs carry it too:
+IMAGES (1, N, H, W, 3), NSFW (1, N), PROGRESS (1, 2), TIMINGS (1, 1).
+
+Modes follow from what is present: IMAGE makes it image-to-image, IMAGE + MASK inpainting. Without
+WIDTH / HEIGHT an image request takes the image's size (fitted within 1024 px).
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ INPUT_NAMES = (
     "GUIDANCE_SCALE",
     "WIDTH",
     "HEIGHT",
+    "MODEL",
+    "IMAGE",
+    "MASK",
+    "STRENGTH",
+    "INPAINT_MASK_ONLY",
+    "ENABLE_SAFETY_CHECKS",
 )
 
 
@@ -37,6 +46,9 @@ class LcmDefaults:
     guidance_scale: float = 1.0
     width: int = 512
     height: int = 512
+    strength: float = 0.8
+    enable_safety_checks: bool = True  # fal's default
+    model: str = "sdv1-5"
 
 
 def _scalar(arrays: Mapping[str, np.ndarray | None], name: str) -> Any:
@@ -77,6 +89,13 @@ def parse_lcm_request(
         value = _scalar(arrays, name)
         return default if value is None else value
 
+    image, mask = _pixels(arrays, "IMAGE", 4), _pixels(arrays, "MASK", 3)
+    width, height = get("WIDTH", None), get("HEIGHT", None)
+    if image is None or (width is not None and height is not None):
+        width = defaults.width if width is None else width
+        height = defaults.height if height is None else height
+    else:  # an image request without a full size: the image's (the pipeline resolves it)
+        width = height = None
     return Text2ImageRequest(
         prompt=_text(prompt, "PROMPT"),
         negative_prompt=_text(get("NEGATIVE_PROMPT", ""), "NEGATIVE_PROMPT"),
@@ -84,10 +103,27 @@ def parse_lcm_request(
         num_images=int(get("NUM_IMAGES", defaults.num_images)),
         num_inference_steps=int(get("NUM_INFERENCE_STEPS", defaults.num_inference_steps)),
         guidance_scale=float(get("GUIDANCE_SCALE", defaults.guidance_scale)),
-        width=int(get("WIDTH", defaults.width)),
-        height=int(get("HEIGHT", defaults.height)),
+        width=None if width is None else int(width),
+        height=None if height is None else int(height),
+        image=image,
+        mask=mask,
+        strength=float(get("STRENGTH", defaults.strength)),
+        inpaint_mask_only=bool(get("INPAINT_MASK_ONLY", False)),
+        enable_safety_checks=bool(get("ENABLE_SAFETY_CHECKS", defaults.enable_safety_checks)),
+        model=_text(get("MODEL", defaults.model), "MODEL"),
         is_cancelled=is_cancelled,
     )
+
+
+def _pixels(arrays: Mapping[str, np.ndarray | None], name: str, ndim: int) -> np.ndarray | None:
+    """IMAGE (1, H, W, 3) / MASK (1, H, W) uint8 -> the array without its batch dimension."""
+    value = arrays.get(name)
+    if value is None:
+        return None
+    if value.ndim != ndim or value.shape[0] != 1 or value.dtype != np.uint8:
+        want = "[1, H, W, 3]" if ndim == 4 else "[1, H, W]"
+        raise ValueError(f"{name} must be uint8 of shape {want}, got {value.dtype} {list(value.shape)}")
+    return np.ascontiguousarray(value[0])
 
 
 def progress_arrays(step: int, total: int) -> dict[str, np.ndarray]:

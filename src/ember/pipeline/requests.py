@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 # on_step(request index in the batch given to the pipeline, step done (1-based), total steps)
@@ -23,16 +24,34 @@ class Text2ImageRequest:
     num_images: int = 1
     num_inference_steps: int = 4
     guidance_scale: float = 1.0
-    width: int = 512
-    height: int = 512
+    # None: the input image's size (fitted within 1024 px); text-to-image always names a size.
+    width: int | None = 512
+    height: int | None = 512
+    # Image-to-image: the input image (H, W, 3) uint8 RGB; with `mask` (H, W) uint8, white = fill, it is
+    # inpainting. `strength`: how far from the input image the result may move (1 = start from noise).
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+    strength: float = 0.8
+    # Inpainting only: the output keeps the input image's pixels exactly wherever the mask is black.
+    inpaint_mask_only: bool = False
+    enable_safety_checks: bool = False
+    model: str = "sdv1-5"
     # Polled once per denoising step; True drops the request from its batch.
     is_cancelled: Callable[[], bool] = field(default=_never, compare=False)
+
+    @property
+    def mode(self) -> str:
+        """"text", "image" (image-to-image) or "inpaint"."""
+        if self.image is None:
+            return "text"
+        return "image" if self.mask is None else "inpaint"
 
 
 @dataclass
 class Text2ImageResult:
     images: torch.Tensor | None  # (num_images, H, W, 3) uint8 RGB; None when cancelled
-    # One flag per image. All False: the safety checker is a later issue, nothing is checked yet.
+    # One flag per image: True where the safety checker fired (that image is black). All False when the
+    # request did not ask for safety checks.
     nsfw: list[bool]
     timings: dict[str, float]  # seconds per stage of the batch this request ran in, and "total"
     cancelled: bool = False

@@ -31,3 +31,10 @@ class Runner(abc.ABC):
             f"the {type(self).__name__} runtime cannot refit {self.name!r} yet: weight refit (LoRA) is not "
             "implemented for it; use EMBER_RUNTIME=torch for models that need it"
         )
+
+    def weights(self) -> Mapping[str, torch.Tensor]:
+        """The current weights by state-dict name (read them, never write): the base a LoRA merges onto."""
+        raise RefitNotSupportedError(
+            f"the {type(self).__name__} runtime cannot expose {self.name!r}'s weights for LoRA merging yet; "
+            "use EMBER_RUNTIME=torch for models that need it"
+        )

@@ -44,9 +44,15 @@ class ModelFamily:
     networks: str  # "module:attribute" of the tuple of NetworkSpec, in the order they run
     # Each network's spec version, part of the cache key. Must equal NetworkSpec.version (checked on load).
     spec_versions: dict[str, int]
-    scheduler_class: str  # diffusers class name, e.g. "LCMScheduler"
+    scheduler_class: str | None  # diffusers class name, e.g. "LCMScheduler"; None: no scheduler
     build_demo: str  # "module:function" building the tiny stand-in into a directory
     demo_version: int  # bump when the tiny architecture changes: exports of older builds are then redone
+    # What else travels with the exports: the CLIP tokenizer (text models), an image processor config from
+    # this subfolder ("" = the source's root; e.g. the safety checker's CLIPImageProcessor).
+    tokenizer: bool = True
+    feature_extractor: str | None = None
+    # The file whose presence says the demo stand-in is built (a pipeline's model_index.json by default).
+    demo_marker: str = "model_index.json"
 
     def load_networks(self) -> tuple[Any, ...]:
         networks = _resolve(self.networks)
@@ -67,12 +73,58 @@ def _resolve(target: str) -> Any:
 
 
 FAMILIES: dict[tuple[str, str], ModelFamily] = {
+    # PixArt-Σ: T5 encoder + DiT + VAE; the SA-Solver scheduler is built from the same (DPM-Solver) config.
+    ("pixart_sigma", "xl-2-1024-ms"): ModelFamily(
+        networks="ember.specs.pixart_sigma:PIXART_SIGMA_NETWORKS",
+        spec_versions={"text_encoder": 1, "transformer": 1, "vae_decoder": 1},
+        scheduler_class="DPMSolverMultistepScheduler",
+        build_demo="ember.specs.demo_pixart_sigma:build_tiny_pixart_sigma",
+        demo_version=1,
+    ),
     ("lcm", "sdv1-5"): ModelFamily(
         networks="ember.specs.sd15:SD15_LCM_NETWORKS",
-        spec_versions={"text_encoder": 1, "unet": 1, "vae_decoder": 1},
+        spec_versions={"text_encoder": 1, "unet": 1, "vae_decoder": 1, "vae_encoder": 1},
         scheduler_class="LCMScheduler",
         build_demo="ember.specs.demo_models:build_tiny_lcm_sd15",
         demo_version=1,
+    ),
+    # Stable Cascade / Würstchen v3 (fal-ai/stable-cascade/sote-diffusion): text encoder, prior (stage C),
+    # decoder (stage B), VQGAN (stage A); both stages share the text encoder and DDPMWuerstchenScheduler.
+    ("sote_diffusion", "wuerstchen3"): ModelFamily(
+        networks="ember.specs.stable_cascade:STABLE_CASCADE_NETWORKS",
+        spec_versions={"text_encoder": 1, "prior": 1, "decoder": 1, "vqgan_decoder": 1},
+        scheduler_class="DDPMWuerstchenScheduler",
+        build_demo="ember.specs.demo_stable_cascade:build_tiny_stable_cascade",
+        demo_version=1,
+    ),
+    # fal-ai/illusion-diffusion: a plain SD1.5 base whose UNet takes ControlNet residuals (ember.specs.controlnet).
+    ("illusion_diffusion", "sdv1-5"): ModelFamily(
+        networks="ember.specs.controlnet:SD15_CONTROLLED_NETWORKS",
+        spec_versions={"text_encoder": 1, "unet": 1, "vae_decoder": 1},
+        scheduler_class="PNDMScheduler",  # the base's own; fal's Euler / DPM++ SDE are built from its config
+        build_demo="ember.specs.demo_controlnet:build_tiny_sd15_base",
+        demo_version=1,
+    ),
+    # An SD1.5 ControlNet, its own repository (config.json at the root): the illusion QR-code monster.
+    ("controlnet", "qrcode-monster-sd15"): ModelFamily(
+        networks="ember.specs.controlnet:CONTROLNET_NETWORKS",
+        spec_versions={"controlnet": 1},
+        scheduler_class=None,
+        build_demo="ember.specs.demo_controlnet:build_tiny_controlnet",
+        demo_version=1,
+        tokenizer=False,
+        demo_marker="config.json",
+    ),
+    # The Stable Diffusion safety checker, shared by every endpoint (ember.pipeline.safety).
+    ("safety_checker", "sd"): ModelFamily(
+        networks="ember.specs.safety:SAFETY_NETWORKS",
+        spec_versions={"safety_checker": 1},
+        scheduler_class=None,
+        build_demo="ember.specs.safety:build_tiny_safety_checker",
+        demo_version=1,
+        tokenizer=False,
+        feature_extractor="",
+        demo_marker="config.json",
     ),
 }
 
@@ -106,6 +158,10 @@ class Artifacts:
     @property
     def scheduler_dir(self) -> Path:
         return self.path / "scheduler"
+
+    @property
+    def feature_extractor_dir(self) -> Path:
+        return self.path / "feature_extractor"
 
     def config(self, component: str) -> dict[str, Any]:
         """The diffusers/transformers config of a component: "text_encoder", "unet", "vae"."""
@@ -208,13 +264,13 @@ def ensure_artifacts(
     """
     spec = family_spec(family, variant)
     source = settings.model_source(family, variant)
-    if settings.weights == "demo" and not (Path(source) / "model_index.json").is_file():
+    if settings.weights == "demo" and not (Path(source) / spec.demo_marker).is_file():
         _note(progress, f"building the tiny demo model {family}/{variant} into {source}")
         spec.build_demo_model(Path(source))
 
     key = cache_key(settings, family, variant)
     path = settings.export_dir / f"{family}-{variant}" / _key_hash(key)
-    needs_onnx = settings.runtime != "torch"
+    needs_onnx = settings.model_runtime(family, variant) != "torch"  # models.toml `runtime`, else EMBER_RUNTIME
     names = list(spec.spec_versions)
     if _complete(path, needs_onnx, names):
         return path
@@ -255,13 +311,21 @@ def _build(path: Path, key: dict[str, Any], spec: ModelFamily, needs_onnx: bool,
     )
 
     # 1. Tokenizer and scheduler config travel with the exports: the pipeline needs nothing else.
-    AutoTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision).save_pretrained(
-        path / "tokenizer"
-    )
-    scheduler_class = getattr(diffusers, spec.scheduler_class)
-    scheduler_class.from_pretrained(source, subfolder="scheduler", revision=revision).save_pretrained(
-        path / "scheduler"
-    )
+    if spec.tokenizer:
+        AutoTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision).save_pretrained(
+            path / "tokenizer"
+        )
+    if spec.scheduler_class is not None:
+        scheduler_class = getattr(diffusers, spec.scheduler_class)
+        scheduler_class.from_pretrained(source, subfolder="scheduler", revision=revision).save_pretrained(
+            path / "scheduler"
+        )
+    if spec.feature_extractor is not None:
+        from transformers import CLIPImageProcessor
+
+        CLIPImageProcessor.from_pretrained(
+            source, subfolder=spec.feature_extractor, revision=revision
+        ).save_pretrained(path / "feature_extractor")
 
     # 2. The component configs (read, not loaded): the pipeline and the engine profiles size tensors from them.
     networks = spec.load_networks()

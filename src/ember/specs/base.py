@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 # Axes whose size changes from call to call.
-DYNAMIC_AXES = frozenset({"batch", "latent_height", "latent_width", "image_height", "image_width"})
+DYNAMIC_AXES = frozenset(
+    {"batch", "latent_height", "latent_width", "image_height", "image_width",
+     # Stable Cascade's stage C latent ("image embeddings"), a second, coarser latent grid.
+     "embed_height", "embed_width",
+     # The UNet's coarser grids (latent / 2, / 4, / 8, rounded up), where ControlNet residuals live.
+     "latent_height_2", "latent_width_2", "latent_height_4", "latent_width_4",
+     "latent_height_8", "latent_width_8"}
+)
 
 # fal's `image_size` presets (width, height); custom sizes are multiples of 8 (fal-schemas.md §1.1).
 FAL_IMAGE_SIZES: dict[str, tuple[int, int]] = {
@@ -74,6 +81,13 @@ class NetworkSpec:
     image_dims: Callable[[int, int, int], dict[str, int]]
     # Builds a sample input tensor for one input name and shape (ids need a valid range, floats are randn).
     sample: Callable[[TensorSpec, tuple[int, ...], torch.Generator], torch.Tensor]
+    # Engine precision this network must keep whatever the engine build asks for (e.g. torch.float32 for
+    # SDXL's VAE, whose activations overflow fp16); None follows the build's precision.
+    engine_dtype: torch.dtype | None = None
+    # (batch, height, width) px to trace / verify the ONNX export at, when the exporter's defaults do not fit
+    # the network (e.g. a DiT needs even latent sides); None uses onnx_export.TRACE_SHAPE / VERIFY_SHAPE.
+    trace_shape: tuple[int, int, int] | None = None
+    verify_shape: tuple[int, int, int] | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -104,6 +118,78 @@ class NetworkSpec:
         return {
             t.name: (t.shape(corners.min), t.shape(corners.opt), t.shape(corners.max)) for t in self.inputs
         }
+
+
+    def bucket_profile(
+        self, config: Mapping[str, Any], bucket: ShapeBucket
+    ) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """TensorRT min/opt/max input shapes of one bucket: its image size fixed, the batch in its range."""
+        corners = [self.dims(config, b, h, w) for b, h, w in bucket.corners()]
+        return {t.name: tuple(t.shape(c) for c in corners) for t in self.inputs}
+
+    def size_dependent(self) -> bool:
+        """Whether any input shape changes with the image size (the text encoder's does not)."""
+        return any(axis in DYNAMIC_AXES - {"batch"} for t in self.inputs for axis in t.axes)
+
+
+@dataclass(frozen=True)
+class ShapeBucket:
+    """One engine optimization profile: images of height x width px, batch from min to max (opt in between).
+
+    Static buckets pin the image size, so TensorRT picks kernels for exactly that shape and the runtime can
+    capture one CUDA graph per (bucket, batch). A "dynamic" bucket spans 256..1024 px for custom sizes.
+    """
+
+    name: str
+    height: int
+    width: int
+    batch_min: int = 1
+    batch_opt: int = 1
+    batch_max: int = MAX_BATCH_IMAGES
+    # Pixel range of a dynamic bucket (height/width above are then the opt corner).
+    min_side: int | None = None
+    max_side: int | None = None
+
+    @property
+    def batches(self) -> tuple[int, int, int]:
+        return (self.batch_min, self.batch_opt, self.batch_max)
+
+    def corners(self) -> tuple[tuple[int, int, int], ...]:
+        """(batch, height, width) at the min, opt and max corners."""
+        lo = self.min_side or self.height, self.min_side or self.width
+        hi = self.max_side or self.height, self.max_side or self.width
+        return ((self.batch_min, *lo), (self.batch_opt, self.height, self.width), (self.batch_max, *hi))
+
+    @property
+    def dynamic(self) -> bool:
+        return self.min_side is not None
+
+    def covers(self, batch: int, height: int, width: int) -> bool:
+        if not self.batch_min <= batch <= self.batch_max:
+            return False
+        if self.dynamic:
+            lo, hi = self.min_side or 0, self.max_side or 0
+            return lo <= height <= hi and lo <= width <= hi
+        return (height, width) == (self.height, self.width)
+
+    def key(self) -> str:
+        side = f"{self.min_side}-{self.max_side}px" if self.dynamic else f"{self.height}x{self.width}"
+        return f"{self.name}:{side}:b{self.batch_min}-{self.batch_opt}-{self.batch_max}"
+
+
+def fal_buckets(
+    max_batch: int = MAX_BATCH_IMAGES, opt_batch: int = 1, dynamic: bool = False
+) -> tuple[ShapeBucket, ...]:
+    """One static bucket per fal image_size preset (height x width), plus an optional dynamic one."""
+    buckets = [
+        ShapeBucket(name, height=h, width=w, batch_opt=opt_batch, batch_max=max_batch)
+        for name, (w, h) in FAL_IMAGE_SIZES.items()
+    ]
+    if dynamic:
+        buckets.append(
+            ShapeBucket("dynamic", 512, 512, batch_opt=opt_batch, batch_max=max_batch, min_side=256, max_side=1024)
+        )
+    return tuple(buckets)
 
 
 def randn_sample(spec: TensorSpec, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:

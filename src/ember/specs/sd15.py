@@ -67,6 +67,23 @@ class VaeDecoder(nn.Module):
         return self.vae.decode(latent, return_dict=False)[0]
 
 
+class VaeEncoder(nn.Module):
+    """image (B, 3, H, W) in [-1, 1] -> the latent distribution's mean and std (B, 4, H/8, W/8), unscaled.
+
+    The sample is drawn outside (mean + std * noise from the request's generator), as diffusers'
+    `retrieve_latents(vae.encode(image), generator)` does, so a seed gives diffusers' latents.
+    """
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+        self.config = dict(vae.config)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(images, return_dict=False)[0]
+        return dist.mean, dist.std
+
+
 def _load_text_encoder(source: str, revision: str | None, dtype: torch.dtype) -> nn.Module:
     model = CLIPTextModel.from_pretrained(
         source, subfolder="text_encoder", revision=revision, dtype=dtype, attn_implementation="sdpa"
@@ -84,6 +101,11 @@ def _load_unet(source: str, revision: str | None, dtype: torch.dtype) -> nn.Modu
 def _load_vae_decoder(source: str, revision: str | None, dtype: torch.dtype) -> nn.Module:
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, dtype=dtype)
     return VaeDecoder(vae.eval())
+
+
+def _load_vae_encoder(source: str, revision: str | None, dtype: torch.dtype) -> nn.Module:
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, dtype=dtype)
+    return VaeEncoder(vae.eval())
 
 
 def _image_dims(batch: int, height: int, width: int) -> dict[str, int]:
@@ -165,4 +187,20 @@ VAE_DECODER = NetworkSpec(
     sample=_sample,
 )
 
-SD15_LCM_NETWORKS = (TEXT_ENCODER, UNET, VAE_DECODER)
+VAE_ENCODER = NetworkSpec(
+    name="vae_encoder",
+    subfolder="vae",
+    version=1,
+    inputs=(TensorSpec("images", F32, ("batch", "rgb", "image_height", "image_width")),),
+    outputs=(
+        TensorSpec("latent_mean", F32, ("batch", "latent_channels", "latent_height", "latent_width")),
+        TensorSpec("latent_std", F32, ("batch", "latent_channels", "latent_height", "latent_width")),
+    ),
+    load=_load_vae_encoder,
+    static_dims=_vae_dims,
+    image_dims=_image_dims,
+    sample=_sample,
+)
+
+# In the order they run; the VAE encoder only for image-to-image and inpainting.
+SD15_LCM_NETWORKS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)

@@ -2,7 +2,8 @@
 a flat image whose colour comes from the seed, one PROGRESS response per step (`STEP_SECONDS` apart),
 so that the gateway's worker can be tested against a real tritonserver without the diffusion pipeline.
 
-Prompts steer it: "fail invalid" answers INVALID_ARG, "fail internal" answers INTERNAL. A gRPC stream
+Prompts steer it: "fail invalid" answers INVALID_ARG, "fail internal" answers INTERNAL. A config
+parameter `step_seconds` (tests/stacks.py writes it) overrides STEP_SECONDS. A gRPC stream
 carries only an error's message, not its TritonError code, so a refused input is told from a model
 fault by the message: it starts with "invalid input:" (ember.gateway.backend._classify).
 """
@@ -28,6 +29,10 @@ def _scalar(request, name: str, default):
 
 
 class TritonPythonModel:
+    def initialize(self, args):
+        parameters = json.loads(args["model_config"]).get("parameters", {})
+        self.step_seconds = float(parameters.get("step_seconds", {}).get("string_value", STEP_SECONDS))
+
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
@@ -45,7 +50,7 @@ class TritonPythonModel:
             width, height = int(_scalar(request, "WIDTH", 512)), int(_scalar(request, "HEIGHT", 512))
             cancelled = False
             for step in range(1, steps + 1):
-                time.sleep(STEP_SECONDS)
+                time.sleep(self.step_seconds)
                 if request.is_cancelled():
                     cancelled = True
                     break

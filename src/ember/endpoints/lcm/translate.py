@@ -10,15 +10,24 @@ import json
 
 import numpy as np
 
-from ember.endpoints.base import Endpoint, ImageSink, TritonTensors, bytes_tensor, scalar_tensor
+from ember.endpoints.base import (
+    Endpoint,
+    ImageSink,
+    Loaded,
+    MediaLoader,
+    TritonTensors,
+    bytes_tensor,
+    scalar_tensor,
+)
 from ember.endpoints.common import InputError, resolve_image_size
 from ember.endpoints.lcm.schema import LcmInput, LcmOutput
 
 DEFAULT_SIZE = (512, 512)
 
-# Modes of fal-ai/lcm that the skeleton does not serve yet (issue: endpoints in every mode). They
-# are refused by name, never silently ignored.
-_NOT_YET = "is not supported yet by this server (SD1.5 text-to-image only for now)"
+# What this server does not serve yet. Refused by name, never silently ignored:
+# model="sdxl" (the SDXL LCM pipeline is not built yet), lora_url (wired by the LoRA work),
+# controlnet_inpaint (waits for the shared ControlNet stage, ember.pipeline.controlnet).
+_NOT_YET = "is not supported yet by this server"
 
 
 class LcmEndpoint(Endpoint[LcmInput]):
@@ -30,22 +39,45 @@ class LcmEndpoint(Endpoint[LcmInput]):
 
     def check(self, inp: LcmInput) -> None:
         if inp.model != "sdv1-5":
-            raise InputError(("body", "model"), f"model={inp.model!r} {_NOT_YET}", "not_supported")
-        for name in ("image_url", "mask_url", "lora_url"):
-            if getattr(inp, name) is not None:
-                raise InputError(("body", name), f"{name} {_NOT_YET}", "not_supported")
-        for name in ("inpaint_mask_only", "controlnet_inpaint"):
-            if getattr(inp, name):
-                raise InputError(("body", name), f"{name} {_NOT_YET}", "not_supported")
+            raise InputError(
+                ("body", "model"), f"model={inp.model!r} {_NOT_YET} (sdv1-5 only for now)", "not_supported"
+            )
+        if inp.lora_url is not None:
+            raise InputError(("body", "lora_url"), f"lora_url {_NOT_YET}", "not_supported")
+        if inp.mask_url is not None and inp.image_url is None:
+            raise InputError(
+                ("body", "mask_url"),
+                "mask_url needs image_url: the mask marks the area of that image to fill",
+                "value_error",
+            )
+        if inp.controlnet_inpaint and inp.mask_url is not None:
+            raise InputError(
+                ("body", "controlnet_inpaint"), f"controlnet_inpaint {_NOT_YET}", "not_supported"
+            )
         resolve_image_size(inp.image_size, DEFAULT_SIZE)
+
+    async def load(self, inp: LcmInput, media: MediaLoader) -> Loaded:
+        """image_url -> "image" (H, W, 3) uint8; mask_url -> "mask" (H, W) uint8, which must match it."""
+        loaded: dict[str, np.ndarray] = {}
+        if inp.image_url is not None:
+            loaded["image"] = await media.image(inp.image_url, ("body", "image_url"))
+        if inp.mask_url is not None:
+            mask = await media.image(inp.mask_url, ("body", "mask_url"), mode="L")
+            if mask.shape != loaded["image"].shape[:2]:
+                raise InputError(
+                    ("body", "mask_url"),
+                    f"the mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                    f"{loaded['image'].shape[1]}x{loaded['image'].shape[0]}: they must have the same size",
+                )
+            loaded["mask"] = mask
+        return loaded
 
     def notes(self, inp: LcmInput) -> list[str]:
         notes = []
-        if inp.enable_safety_checks:
-            notes.append(
-                "enable_safety_checks: the safety checker is not wired yet on this server; "
-                "images are not checked and nsfw_content_detected is all false"
-            )
+        if inp.image_url is None and (inp.inpaint_mask_only or inp.controlnet_inpaint):
+            notes.append("inpaint_mask_only / controlnet_inpaint only take effect with image_url + mask_url")
+        elif inp.mask_url is None and inp.inpaint_mask_only:
+            notes.append("inpaint_mask_only only takes effect for inpainting (with mask_url)")
         if inp.negative_prompt:
             notes.append(
                 "negative_prompt is not used by a distilled LCM UNet (guidance is embedded, as in "
@@ -53,18 +85,31 @@ class LcmEndpoint(Endpoint[LcmInput]):
             )
         return notes
 
-    def to_triton(self, inp: LcmInput, seed: int) -> TritonTensors:
-        width, height = resolve_image_size(inp.image_size, DEFAULT_SIZE)
-        return {
+    def to_triton(self, inp: LcmInput, seed: int, loaded: Loaded | None = None) -> TritonTensors:
+        loaded = loaded or {}
+        tensors = {
             "PROMPT": bytes_tensor(inp.prompt),
             "NEGATIVE_PROMPT": bytes_tensor(inp.negative_prompt),
             "SEED": scalar_tensor(seed, np.int64),
             "NUM_IMAGES": scalar_tensor(inp.num_images, np.int32),
             "NUM_INFERENCE_STEPS": scalar_tensor(inp.num_inference_steps, np.int32),
             "GUIDANCE_SCALE": scalar_tensor(inp.guidance_scale, np.float32),
-            "WIDTH": scalar_tensor(width, np.int32),
-            "HEIGHT": scalar_tensor(height, np.int32),
+            "MODEL": bytes_tensor(inp.model),
+            "ENABLE_SAFETY_CHECKS": scalar_tensor(inp.enable_safety_checks, np.bool_),
         }
+        # Without image_size: text-to-image is 512 x 512, image modes take the input image's size
+        # (the model fits it within 1024 px), so no WIDTH / HEIGHT is sent for them.
+        if inp.image_size is not None or "image" not in loaded:
+            width, height = resolve_image_size(inp.image_size, DEFAULT_SIZE)
+            tensors["WIDTH"] = scalar_tensor(width, np.int32)
+            tensors["HEIGHT"] = scalar_tensor(height, np.int32)
+        if "image" in loaded:
+            tensors["IMAGE"] = np.ascontiguousarray(loaded["image"][None])  # (1, H, W, 3) uint8
+            tensors["STRENGTH"] = scalar_tensor(inp.strength, np.float32)
+        if "mask" in loaded:
+            tensors["MASK"] = np.ascontiguousarray(loaded["mask"][None])  # (1, H, W) uint8
+            tensors["INPAINT_MASK_ONLY"] = scalar_tensor(inp.inpaint_mask_only, np.bool_)
+        return tensors
 
     async def to_output(
         self, inp: LcmInput, seed: int, outputs: TritonTensors, store: ImageSink

@@ -1,0 +1,5 @@
+"""`python -m export {onnx,engines,verify} ...`: see export/engines.py."""
+
+from export.engines import main
+
+main()

@@ -1,0 +1,120 @@
+"""ControlNet conditioning per denoising step, as diffusers' StableDiffusionControlNetPipeline (and its
+Multi-ControlNet) computes it: each unit's residuals, scaled by `conditioning_scale` while the step lies
+within [control_guidance_start, control_guidance_end] of the schedule (0 outside), summed over units and
+added to the UNet's skip connections (the UNet of ember.specs.controlnet takes them as inputs).
+
+Units are per request, so a batch may mix requests with different ControlNets, images and scales: each
+ControlNet network runs once per step on the rows that use it, and rows it does not condition get zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ember.runtime import Runner
+from ember.specs.controlnet import RESIDUAL_NAMES, _grid_dims, residual_layout
+
+
+def control_image(image: np.ndarray, width: int, height: int) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, height, width) float32 in [0, 1], resized as diffusers' control image
+    processor does it (PIL Lanczos to the output size, no normalisation to [-1, 1])."""
+    resized = Image.fromarray(image).convert("RGB").resize((width, height), resample=Image.LANCZOS)
+    return torch.from_numpy(np.asarray(resized).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def control_active(step: int, total: int, start: float, end: float) -> bool:
+    """Whether step `step` (0-based) of `total` lies in [start, end] as fractions of the schedule: diffusers'
+    `controlnet_keep`, 1 - (i / n < start or (i + 1) / n > end)."""
+    return not (step / total < start or (step + 1) / total > end)
+
+
+@dataclass(frozen=True)
+class ControlNetUnit:
+    """One ControlNet conditioning one request (k images)."""
+
+    runner: Runner  # the ControlNet network (ember.specs.controlnet.CONTROLNET)
+    image: torch.Tensor  # (1, 3, H, W) in [0, 1], already at the output size (control_image)
+    scale: float = 1.0  # controlnet_conditioning_scale
+    start: float = 0.0  # control_guidance_start, fraction of the schedule
+    end: float = 1.0  # control_guidance_end
+    # diffusers' guess mode: the ControlNet sees only the conditional half of a CFG batch (the
+    # unconditional rows get zeros), and its residuals are weighted 0.1 .. 1 from shallow to deep.
+    guess_mode: bool = False
+
+
+@dataclass(frozen=True)
+class ControlRows:
+    """Where a request's units act in one step's UNet batch: rows [offset, offset + size), of which the
+    last `k` are the conditional half (all of them without CFG)."""
+
+    units: Sequence[ControlNetUnit]
+    offset: int
+    size: int
+    k: int
+
+
+def zero_residuals(
+    unet_config: Mapping[str, Any], batch: int, latent_h: int, latent_w: int, like: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Residual inputs that leave the controlled UNet equal to the plain one (x + 0 = x)."""
+    dims = _grid_dims(batch, latent_h * 8, latent_w * 8)
+    out = {}
+    for name, (channels, level) in zip(RESIDUAL_NAMES, residual_layout(unet_config), strict=True):
+        suffix = "" if level == 0 else f"_{2**level}"
+        shape = (batch, channels, dims[f"latent_height{suffix}"], dims[f"latent_width{suffix}"])
+        out[name] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+    return out
+
+
+def controlnet_residuals(
+    rows: Sequence[ControlRows],
+    sample: torch.Tensor,  # (B, C, h, w): the UNet's input this step, scheduler-scaled
+    timestep: torch.Tensor,  # (B,)
+    embeddings: torch.Tensor,  # (B, 77, D)
+    step: int,
+    total: int,
+) -> dict[str, torch.Tensor] | None:
+    """The summed residuals of every unit for the whole batch (names of RESIDUAL_NAMES, batch B), or None
+    when no row has a unit. A unit outside its start/end runs with scale 0, as diffusers runs it."""
+    calls: dict[int, tuple[Runner, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], bool]] = {}
+    for r in rows:
+        for unit in r.units:
+            scale = unit.scale if control_active(step, total, unit.start, unit.end) else 0.0
+            first = r.offset + (r.size - r.k if unit.guess_mode else 0)
+            index = torch.arange(first, r.offset + r.size)  # the rows this unit conditions
+            image = unit.image.to(sample.device).expand(len(index), -1, -1, -1)
+            # Units sharing a runner and a guess mode run as one call; each keeps its own rows.
+            key = (id(unit.runner), unit.guess_mode)
+            calls.setdefault(key, (unit.runner, [], unit.guess_mode))[1].append(  # type: ignore[index]
+                (index, image, torch.full((len(index),), scale))
+            )
+    if not calls:
+        return None
+    total_residuals: dict[str, torch.Tensor] = {}
+    for runner, parts, guess_mode in calls.values():
+        index = torch.cat([p[0] for p in parts])
+        out = runner.run(
+            {
+                "sample": sample[index],
+                "timestep": timestep[index],
+                "encoder_hidden_states": embeddings[index],
+                "controlnet_cond": torch.cat([p[1] for p in parts]),
+                "conditioning_scale": torch.cat([p[2] for p in parts]),
+            }
+        )
+        # Guess mode weights residual j by 10^(-1 + j / 12), shallow to deep (diffusers' torch.logspace).
+        weights = torch.logspace(-1, 0, len(RESIDUAL_NAMES)) if guess_mode else None
+        for j, name in enumerate(RESIDUAL_NAMES):
+            value = out[name] if weights is None else out[name] * weights[j]
+            if name not in total_residuals:
+                total_residuals[name] = torch.zeros(
+                    (sample.shape[0], *value.shape[1:]), dtype=value.dtype, device=value.device
+                )
+            total_residuals[name].index_add_(0, index.to(value.device), value)
+    return total_residuals
