@@ -93,15 +93,21 @@ def diffusers_controlnet(illusion_artifacts):
     return pipe
 
 
+# The base scheduler config of each reference pipeline, kept before any sampler replaces it: building
+# Euler from a Karras-SDE scheduler's config would inherit use_karras_sigmas=True.
+_BASE_SCHEDULER_CONFIGS: dict[int, dict] = {}
+
+
 def reference(pipe, request: IllusionRequest) -> np.ndarray:
     """diffusers with fal's sampler built from the base's config, as the pipeline builds it."""
     from diffusers import DPMSolverSDEScheduler, EulerDiscreteScheduler
 
+    base = _BASE_SCHEDULER_CONFIGS.setdefault(id(pipe), dict(pipe.scheduler.config))
     if request.scheduler == "Euler":
-        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(base)
     else:  # the Brownian tree seeded by the request's seed, as ember does (diffusers would pick at random)
         pipe.scheduler = DPMSolverSDEScheduler.from_config(
-            pipe.scheduler.config, use_karras_sigmas=True, noise_sampler_seed=request.seed
+            base, use_karras_sigmas=True, noise_sampler_seed=request.seed
         )
     return pipe(
         prompt=request.prompt,
@@ -126,14 +132,14 @@ def _levels(image: torch.Tensor | None) -> np.ndarray:
 
 # (runtime, scheduler, max levels, mean levels). torch runs the same modules on the same inputs (the
 # ControlNet's scale applied per sample instead of as one float: the same products): measured 0 / 0.
-# onnxruntime's kernels sum in another order (~1e-6 per network call; exports verified at <= 1e-3),
-# which CFG x 7.5 over the steps amplifies on random weights: measured max 10, mean 1.07 levels (4 steps).
+# onnxruntime's kernels sum in another order (~1e-6 per network call; exports verified at <= 1e-3), which
+# can flip a value sitting on a rounding boundary: measured max 1, mean 1e-4 levels (4 steps, CFG 7.5).
 # The SDE sampler runs on torch only here: its Brownian tree (torchsde) is slow on CPU, and the ONNX path
 # is the same networks as the Euler case.
 PARITY = [
     ("illusion_torch", "Euler", 1, 0.01),
     ("illusion_torch", "DPM++ Karras SDE", 1, 0.01),
-    ("illusion_ort", "Euler", 12, 1.5),
+    ("illusion_ort", "Euler", 2, 0.01),
 ]
 
 
@@ -168,14 +174,10 @@ def test_controlnet_scale_and_window_honoured(illusion_torch: IllusionPipeline, 
     assert np.abs(full - none_scale).max() > 10  # the random ControlNet moves pixels visibly
     assert not np.array_equal(early_img, none_scale) and not np.array_equal(early_img, full)
     assert not np.array_equal(half_img, full)
-    # Parity of a window run alone. Measured exact when run by itself, but a few isolated pixels moved
-    # by up to 13 levels in a full-suite run (torch CPU reductions depend on the thread count, which
-    # other tests change; CFG 7.5 on random weights amplifies 1e-6 differences). A wrong window moves
-    # most pixels by > 10 levels (see `full` vs `none_scale` above), so the mean carries the check.
+    # Parity of a window run alone (in a batch of 5, torch CPU rows round differently, amplified by CFG).
     (alone,) = illusion_torch([early])
     want = np.round(reference(diffusers_controlnet, early) * 255).astype(np.int16)
-    diff = np.abs(_levels(alone.image) - want)
-    assert diff.mean() < 0.1 and diff.max() <= 16
+    assert np.abs(_levels(alone.image) - want).max() <= 1
 
 
 def test_batch_of_n_equals_n_singles(illusion_ort: IllusionPipeline) -> None:
