@@ -1,84 +1,37 @@
 """fal-ai/illusion-diffusion inside Triton (Python backend, decoupled): pb_utils tensors <-> ember.pipeline.
 
-Per request: one response per denoising step carrying PROGRESS [step, total], then one carrying IMAGES and
-TIMINGS with the FINAL flag. A bad request is answered with an INVALID_ARG error, a cancelled one with a
-CANCELLED error (both FINAL); neither disturbs the others in the batch.
+The request/response protocol (progress per step, FINAL result with IMAGES and TIMINGS, INVALID_ARG /
+CANCELLED errors) is the shared loop in ember.pipeline.triton_serving. The stub imports numpy, torch and
+ember from the virtualenv through PYTHONPATH (ember.triton sets it).
 """
 
 from __future__ import annotations
 
-import traceback
-
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ember.pipeline.illusion_diffusion import check_request, load_illusion_pipeline
 from ember.pipeline.illusion_io import INPUT_NAMES, IllusionDefaults, parse_illusion_request, result_arrays
 from ember.pipeline.lcm_io import progress_arrays
+from ember.pipeline.triton_serving import EndpointModel, execute
 from ember.settings import get_settings
-
-FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-def _response(arrays: dict[str, np.ndarray]) -> pb_utils.InferenceResponse:
-    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()])
-
-
-def _fail(sender: pb_utils.InferenceResponseSender, message: str, code: int) -> None:
-    # gRPC streams carry only the error text: the gateway reads the kind from this prefix.
-    if code == pb_utils.TritonError.INVALID_ARG:
-        message = f"invalid input: {message}"
-    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         settings = get_settings()
-        self.pipeline = load_illusion_pipeline(settings)
         width, height = settings.model_entry("illusion_diffusion", "sdv1-5").get("default_size", (1024, 1024))
-        self.defaults = IllusionDefaults(width=int(width), height=int(height))
-        self.log = pb_utils.Logger
+        self.model = EndpointModel(
+            name="illusion_diffusion",
+            input_names=INPUT_NAMES,
+            parse=parse_illusion_request,
+            check=check_request,
+            pipeline=load_illusion_pipeline(settings),
+            progress_arrays=progress_arrays,
+            result_arrays=result_arrays,
+            defaults=IllusionDefaults(width=int(width), height=int(height)),
+        )
 
     def execute(self, requests: list) -> None:
-        # 1. Parse and validate every request; answer the bad ones now, keep the good ones
-        senders, items = [], []
-        for request in requests:
-            sender = request.get_response_sender()
-            arrays = {}
-            for name in INPUT_NAMES:
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                arrays[name] = None if tensor is None else tensor.as_numpy()
-            try:
-                item = parse_illusion_request(arrays, self.defaults, request.is_cancelled)
-            except ValueError as exc:
-                _fail(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
-                continue
-            problems = check_request(item)
-            if problems:
-                _fail(sender, "; ".join(problems), pb_utils.TritonError.INVALID_ARG)
-                continue
-            senders.append(sender)
-            items.append(item)
-        if not items:
-            return
-
-        # 2. Run them together (the pipeline groups compatible ones), streaming progress per step
-        def on_step(index: int, step: int, total: int) -> None:
-            senders[index].send(_response(progress_arrays(step, total)))
-
-        try:
-            results = self.pipeline(items, on_step)
-        except Exception as exc:  # noqa: BLE001 - every stream must end, whatever broke
-            self.log.log_error(f"illusion_diffusion pipeline failed: {traceback.format_exc()}")
-            for sender in senders:
-                _fail(sender, f"illusion_diffusion pipeline failed: {exc}", pb_utils.TritonError.INTERNAL)
-            return
-
-        # 3. The image (or the cancellation) per request, with the final flag
-        for sender, result in zip(senders, results, strict=True):
-            if result.cancelled:
-                _fail(sender, "request cancelled", pb_utils.TritonError.CANCELLED)
-                continue
-            sender.send(_response(result_arrays(result)), flags=FINAL)
+        execute(pb_utils, self.model, requests)
 
     # No finalize(): see model_repository/lcm/1/model.py (releasing ORT sessions stalls the unload).

@@ -1,0 +1,87 @@
+"""The execute() loop every decoupled endpoint model shares: pb_utils tensors in, pipeline, responses out.
+
+Per request: one response per denoising step carrying PROGRESS [step, total], then one carrying the
+result tensors with the FINAL flag. A bad request is answered with an INVALID_ARG error, a cancelled one
+with a CANCELLED error (both FINAL); neither disturbs the others in the batch.
+
+`pb_utils` is passed in: it exists only inside Triton's Python stub, and this module must import in tests.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class EndpointModel:
+    """What differs between endpoint models; `execute` is the same for all of them."""
+
+    name: str
+    input_names: Sequence[str]
+    parse: Callable[[dict[str, np.ndarray | None], Any, Callable[[], bool]], Any]
+    check: Callable[[Any], list[str]]
+    pipeline: Callable[[list[Any], Callable[[int, int, int], None]], list[Any]]
+    progress_arrays: Callable[[int, int], dict[str, np.ndarray]]
+    result_arrays: Callable[[Any], dict[str, np.ndarray]]
+    defaults: Any
+
+
+def execute(pb_utils: Any, model: EndpointModel, requests: list) -> None:
+    final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+    def respond(arrays: dict[str, np.ndarray]) -> Any:
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()])
+
+    def fail(sender: Any, message: str, code: int) -> None:
+        # gRPC streams carry only the error text, not its code: the gateway reads the kind from this
+        # prefix (ember.gateway.backend._classify).
+        if code == pb_utils.TritonError.INVALID_ARG:
+            message = f"invalid input: {message}"
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=final)
+
+    # 1. Parse and validate every request; answer the bad ones now, keep the good ones
+    senders, items = [], []
+    for request in requests:
+        sender = request.get_response_sender()
+        arrays = {}
+        for name in model.input_names:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            arrays[name] = None if tensor is None else tensor.as_numpy()
+        try:
+            item = model.parse(arrays, model.defaults, request.is_cancelled)
+        except ValueError as exc:
+            fail(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
+            continue
+        problems = model.check(item)
+        if problems:
+            fail(sender, "; ".join(problems), pb_utils.TritonError.INVALID_ARG)
+            continue
+        senders.append(sender)
+        items.append(item)
+    if not items:
+        return
+
+    # 2. Run them together (the pipeline groups compatible ones), streaming progress per step
+    def on_step(index: int, step: int, total: int) -> None:
+        senders[index].send(respond(model.progress_arrays(step, total)))
+
+    try:
+        results = model.pipeline(items, on_step)
+    except Exception as exc:  # noqa: BLE001 - every stream must end, whatever broke
+        pb_utils.Logger.log_error(f"{model.name} pipeline failed: {traceback.format_exc()}")
+        for sender in senders:
+            fail(sender, f"{model.name} pipeline failed: {exc}", pb_utils.TritonError.INTERNAL)
+        return
+
+    # 3. Result (or the cancellation) per request; the result response carries the FINAL flag itself
+    for sender, result in zip(senders, results, strict=True):
+        if result.cancelled:
+            pb_utils.Logger.log_info(f"{model.name}: a request was cancelled by its client and left its batch")
+            fail(sender, "request cancelled", pb_utils.TritonError.CANCELLED)
+            continue
+        sender.send(respond(model.result_arrays(result)), flags=final)
