@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 # fal's presets, width x height (fal-schemas.md §1.1; fal toolkit `image.py`).
@@ -176,3 +177,17 @@ def seed_field() -> object:
         description="The same seed and the same prompt given to the same version of the model will "
         "output the same image every time. Random when absent; the seed used is returned.",
     )
+
+
+def media_tensor(arrays: list) -> np.ndarray:
+    """(1, m) TYPE_STRING: each array (an image the gateway fetched and decoded, a mask, ...) as a .npy
+    blob, for models that take a variable number of inputs (fal-ai/lora's MEDIA; read back with
+    ember.pipeline.lora_io.media_array, which never unpickles)."""
+    import io
+
+    blobs = []
+    for array in arrays:
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+        blobs.append(buffer.getvalue())
+    return np.array([blobs], dtype=np.object_)

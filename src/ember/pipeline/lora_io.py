@@ -4,6 +4,8 @@ Every input arrives with the batch dimension of 1 that max_batch_size > 0 adds: 
 Structured fields travel as one JSON string, OPTIONS:
     {"loras": [{"file": 0, "scale": 0.7}, ...], "timesteps": [999, 500] | null, "sigmas": [...] | null}
 where "file" indexes LORA_FILES, (1, n) TYPE_STRING safetensors blobs the gateway fetched and checked.
+Fetched images and other arrays travel in MEDIA, (1, m) TYPE_STRING .npy blobs, indexed from OPTIONS
+(`media_array`; the gateway side is ember.endpoints.common.media_tensor).
 Outputs: IMAGES (1, N, H, W, 3) uint8, NSFW (1, N), PROGRESS (1, 2), TIMINGS (1, 1) JSON, and LOG (1, 1)
 on responses that carry a status line (model loading) instead of progress.
 """
@@ -47,6 +49,7 @@ INPUT_NAMES = (
     "LORA_FILES",
     "PROMPT_WEIGHTING",
     "ENABLE_SAFETY_CHECKER",
+    "MEDIA",
 )
 OUTPUT_NAMES = ("IMAGES", "NSFW", "PROGRESS", "TIMINGS", "LOG")
 DEFAULTS: dict[str, Any] = {
@@ -137,6 +140,19 @@ class LoraFiles:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(digest)
         return lora
+
+
+def media_array(arrays: Mapping[str, np.ndarray | None], index: Any, what: str) -> np.ndarray:
+    """MEDIA[index] as the array the gateway sent (.npy, never pickled); ValueError names `what`."""
+    import io
+
+    blobs = [] if arrays.get("MEDIA") is None else list(arrays["MEDIA"].reshape(-1))
+    if not isinstance(index, int) or not 0 <= index < len(blobs):
+        raise ValueError(f"{what} = {index!r}, but MEDIA holds {len(blobs)} item(s)")
+    try:
+        return np.load(io.BytesIO(bytes(blobs[index])), allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{what}: MEDIA[{index}] is not a .npy array: {exc}") from exc
 
 
 def parse_lora_request(
