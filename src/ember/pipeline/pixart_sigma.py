@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from ember.pipeline.batching import batch_key, group_compatible
 from ember.pipeline.decode import decode_latents, to_uint8
 from ember.pipeline.dit_denoise import GuidedSlot, cfg_denoise, guided_rows
+from ember.pipeline.finish import check_safety, collect_results, split_per_request
 from ember.pipeline.guidance import uses_cfg
 from ember.pipeline.latents import initial_latents
 from ember.pipeline.pixart_styles import NO_STYLE, STYLES, apply_style
@@ -227,17 +228,11 @@ class PixArtSigmaPipeline:
             images = decode_latents(
                 self.vae_decoder, torch.cat([s.latents for s in done]), self.vae_scaling_factor
             )
-            per_request = to_uint8(images).split([s.latents.shape[0] for s in done])
-            pixels = {s.index: p for s, p in zip(done, per_request, strict=True)}
+            pixels = split_per_request(done, to_uint8(images))
         decoded = time.perf_counter()
 
         # 9. The safety checker on the requests that asked for it (flagged images come back black)
-        nsfw: dict[int, list[bool]] = {}
-        for index, images in pixels.items():
-            if batch[index].enable_safety_checker and self.safety_checker is not None:
-                pixels[index], nsfw[index] = self.safety_checker(images)
-            else:
-                nsfw[index] = [False] * images.shape[0]
+        nsfw = check_safety(pixels, lambda i: batch[i].enable_safety_checker, self.safety_checker)
         checked = time.perf_counter()
 
         # 10. Results, each with the stage timings of the batch it ran in
@@ -248,13 +243,7 @@ class PixArtSigmaPipeline:
             "safety": checked - decoded,
             "total": checked - start,
         }
-        results = {}
-        for index in batch:
-            if index not in pixels:
-                results[index] = Text2ImageResult(None, [], dict(timings), cancelled=True)
-            else:
-                results[index] = Text2ImageResult(pixels[index], nsfw[index], dict(timings))
-        return results
+        return collect_results(batch, pixels, nsfw, timings)
 
 
 def load_pixart_sigma_pipeline(settings: Settings, safety_checker: bool = True) -> PixArtSigmaPipeline:

@@ -22,6 +22,7 @@ from ember.pipeline.batching import batch_key, group_compatible
 from ember.pipeline.cascade_denoise import CascadeSlot, cascade_denoise
 from ember.pipeline.decode import unit_to_uint8
 from ember.pipeline.encode import encode_prompts_pooled
+from ember.pipeline.finish import check_safety, collect_results, split_per_request
 from ember.pipeline.latents import initial_latents
 from ember.pipeline.requests import StepCallback, Text2ImageRequest, Text2ImageResult
 from ember.pipeline.safety import SafetyChecker
@@ -248,17 +249,11 @@ class StableCascadePipeline:
         if done:
             latents = torch.cat([s.latents for s in done]) * self.vqgan_scale
             images = self.vqgan_decoder.run({"latent": latents})["images"]
-            per_request = unit_to_uint8(images).split([s.latents.shape[0] for s in done])
-            pixels = {s.index: p for s, p in zip(done, per_request, strict=True)}
+            pixels = split_per_request(done, unit_to_uint8(images))
         decoded = time.perf_counter()
 
         # 7. The safety checker on the requests that asked for it (flagged images come back black)
-        nsfw: dict[int, list[bool]] = {}
-        for index, images in pixels.items():
-            if batch[index].enable_safety_checker and self.safety_checker is not None:
-                pixels[index], nsfw[index] = self.safety_checker(images)
-            else:
-                nsfw[index] = [False] * images.shape[0]
+        nsfw = check_safety(pixels, lambda i: batch[i].enable_safety_checker, self.safety_checker)
         checked = time.perf_counter()
 
         # 8. Results, each with the stage timings of the batch it ran in
@@ -270,13 +265,7 @@ class StableCascadePipeline:
             "safety": checked - decoded,
             "total": checked - start,
         }
-        results = {}
-        for index in batch:
-            if index not in pixels:
-                results[index] = Text2ImageResult(None, [], dict(timings), cancelled=True)
-            else:
-                results[index] = Text2ImageResult(pixels[index], nsfw[index], dict(timings))
-        return results
+        return collect_results(batch, pixels, nsfw, timings)
 
 
 def load_stable_cascade_pipeline(settings: Settings, safety_checker: bool = True) -> StableCascadePipeline:
