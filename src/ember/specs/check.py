@@ -92,7 +92,7 @@ def _pixart_problems(model_repository: Path) -> list[str]:
 
 def _lora_problems(model_repository: Path) -> list[str]:
     """lora: config.pbtxt == lora_io's names; the gateway's translate sends only names the model reads
-    (LORA_FILES only when there are LoRAs), and every one it must."""
+    (LORA_FILES only when there are LoRAs, MEDIA only with images), and every one it must."""
     from ember.endpoints.lora.schema import LoraInput
     from ember.endpoints.lora.translate import LoraEndpoint
     from ember.pipeline.lora_io import INPUT_NAMES as LORA_INPUTS
@@ -107,7 +107,8 @@ def _lora_problems(model_repository: Path) -> list[str]:
         found.append(f"lora outputs {_names(config, 'output')} != {list(LORA_OUTPUTS)}")
     inp = LoraInput(model_name="a/b", prompt="x", loras=[{"path": "https://h/l.safetensors"}])
     sent = LoraEndpoint().to_triton(inp, seed=0, loaded={"lora_files": [b""]})
-    if sorted(sent) != sorted(LORA_INPUTS):
+    # MEDIA only travels when the request names images (control images, IP-Adapter images, ...)
+    if sorted(set(sent) | {"MEDIA"}) != sorted(LORA_INPUTS):
         found.append(f"the lora endpoint sends {sorted(sent)}, the model reads {sorted(LORA_INPUTS)}")
     for spec in SD15_LORA_NETWORKS:
         names = spec.input_names + spec.output_names
