@@ -3,7 +3,7 @@
     python -m export onnx    --family lcm --variant sdv1-5                 # demo weights (EMBER_WEIGHTS)
     python -m export onnx    --model SimianLuo/LCM_Dreamshaper_v7          # an HF id or a local directory
     python -m export engines --precision fp16 --dynamic                    # on the GPU that will run them
-    python -m export engines --refit lora                                  # refittable, + refit_map.json
+    python -m export engines --refit lora                                  # refittable (LoRA refit by name)
     python -m export engines --strongly-typed --precision bf16             # types from a bf16 ONNX export
     python -m export verify                                                # re-run the engine checks
 
@@ -74,6 +74,7 @@ def typed_onnx(artifacts: Any, networks: list[Any], precision: str, device: str)
 
     import torch
 
+    from ember.runtime.refit_map import write_refit_map
     from ember.specs.artifacts import OPSET
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
@@ -105,26 +106,9 @@ def typed_onnx(artifacts: Any, networks: list[Any], precision: str, device: str)
                 do_constant_folding=True,
                 dynamo=False,
             )
+        # Its own refit map: the constant-folded initializer names of this export differ from the fp32 one's.
+        write_refit_map(path, module.float().cpu())
     return paths
-
-
-def write_refit_map(artifacts: Any, networks: list[Any], engine_dir: Path) -> None:
-    """refit_map.json next to the plans: state-dict name -> ONNX initializer, per network."""
-    import torch
-
-    from ember.runtime.refit_map import refit_name_map
-    from ember.runtime.tensorrt_runner import REFIT_MAP
-
-    maps: dict[str, Any] = {}
-    for spec in networks:
-        module = spec.load(artifacts.source, artifacts.revision, torch.float32)
-        maps[spec.name], unmatched = refit_name_map(artifacts.onnx_path(spec.name), module)
-        if unmatched:
-            print(
-                f"[ember] {spec.name}: {len(unmatched)} weights cannot be refit by name (folded or "
-                f"duplicated), e.g. {unmatched[:3]}"
-            )
-    (engine_dir / REFIT_MAP).write_text(json.dumps(maps, indent=1, sort_keys=True))
 
 
 def build(args: argparse.Namespace, verify: bool = True) -> Path:
@@ -152,8 +136,6 @@ def build(args: argparse.Namespace, verify: bool = True) -> Path:
         verify=verify,
         device=args.device,
     )
-    if options.refit == "lora":
-        write_refit_map(artifacts, networks, engines.path)
     return engines.path
 
 

@@ -40,6 +40,10 @@ SHARED_STAGES = [
     ("safety_checker", "sd"),
     # The QR-code-monster ControlNet (illusion_diffusion; ember.pipeline.controlnet stages).
     ("controlnet", "qrcode-monster-sd15"),
+    # The inpaint ControlNet (lcm controlnet_inpaint; its runners are created on first use).
+    ("controlnet", "inpaint-sd15"),
+    # fal-ai/lcm model="sdxl" (ember.pipeline.lcm_models: the lcm model loads it on its first request).
+    ("lcm", "sdxl"),
 ]
 
 

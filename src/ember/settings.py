@@ -140,6 +140,12 @@ class Settings:
     # Any other local path is refused: a request must never make the server read arbitrary paths.
     lora_max_models: int = 2
     lora_model_root: str = ""
+    # fal-ai/lora `model_name` as a URL to a single-file .safetensors checkpoint: the gateway streams it into
+    # <lora model root>/checkpoints/<sha256>.safetensors (shared with Triton), at most this large and long.
+    checkpoint_max_bytes: int = 16 * 1024**3
+    checkpoint_timeout: float = 3600.0
+    # fal-ai/lora ControlNets resident at once (`controlnets[].path`, loaded on first use; LRU as base models).
+    lora_max_controlnets: int = 4
 
     models: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -185,6 +191,8 @@ class Settings:
         entry = self.model_entry(family, variant)
         if self.weights == "demo":
             return str((self.models_dir / entry["demo"]).resolve())
+        if entry.get("components"):  # assembled from several repositories (ember.specs.composite)
+            return str((self.models_dir / "composite" / f"{family}-{variant}").resolve())
         return str(entry["source"])
 
 
@@ -213,10 +221,11 @@ def load_settings(environ: dict[str, str] | None = None, dotenv: Path = Path(".e
         raise SettingsError("EMBER_RUN_PORT and EMBER_QUEUE_PORT must differ (fal clients tell them apart)")
     if len(set(ports)) != len(ports):
         raise SettingsError("EMBER_RUN_PORT, EMBER_QUEUE_PORT, EMBER_HTTP_PORT and EMBER_REST_PORT must differ")
-    for name in ("max_attempts", "webhook_attempts"):
+    for name in ("max_attempts", "webhook_attempts", "lora_max_controlnets"):
         if getattr(settings, name) < 1:
             raise SettingsError(f"EMBER_{name.upper()} must be at least 1")
     for name in ("retry_delay", "drain_timeout", "fetch_timeout", "webhook_timeout", "webhook_retry_delay",
+                 "checkpoint_timeout",
                  "upload_url_ttl", "realtime_idle_timeout"):
         if not getattr(settings, name) >= 0:
             raise SettingsError(f"EMBER_{name.upper()} must be a number of seconds >= 0")

@@ -50,7 +50,9 @@ SEED_EXAMPLE = {
 def tiny_model(stack_settings: Settings) -> str:
     from ember.specs.demo_lora import build_tiny_sd15
 
-    directory = stack_settings.lora_models_dir / "tiny-sd15"
+    # This module's own copy: its first request must be the one that loads it (the seed example checks
+    # the "loading base model" status line), whatever other modules loaded before.
+    directory = stack_settings.lora_models_dir / "tiny-sd15-python-client"
     if not (directory / "model_index.json").is_file():
         build_tiny_sd15(directory)
     return str(directory.resolve())
@@ -156,8 +158,12 @@ def test_lora_changes_the_image_and_png(
             {"ip_adapter": [{"ip_adapter_image_url": "https://example.com/a.png", "path": "x"}]},
             ["body", "ip_adapter"],
         ),
-        ({"ic_light_model_url": "https://example.com/ic.safetensors"}, ["body", "ic_light_model_url"]),
-        ({"debug_latents": True}, ["body", "debug_latents"]),
+        ({"ic_light_model_url": "https://example.com/ic.safetensors"}, ["body", "ic_light_image_url"]),
+        (
+            {"debug_per_pass_latents": True, "num_images": 8, "num_inference_steps": 150,
+             "image_size": {"width": 2048, "height": 2048}},
+            ["body", "debug_per_pass_latents"],
+        ),
         ({"scheduler": "Heun"}, ["body", "scheduler"]),
         ({"num_inference_steps": 151}, ["body", "num_inference_steps"]),
         ({"loras": [{"path": "/etc/passwd"}]}, ["body", "loras", 0, "path"]),

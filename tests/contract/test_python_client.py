@@ -108,7 +108,9 @@ def test_schema_errors_are_422_with_detail(fal_client: ModuleType) -> None:
     assert info.value.response.json()["detail"][0]["loc"] == ["body", "prompt"]
 
     with pytest.raises(fal_client.client.FalClientHTTPError) as info:
-        fal_client.run(ENDPOINT, arguments={"prompt": "x", "model": "sdxl"})
+        fal_client.run(
+            ENDPOINT, arguments={"prompt": "x", "model": "sdxl", "lora_url": "https://example.com/l.safetensors"}
+        )
     assert info.value.status_code == 422
     assert "not supported yet" in info.value.response.json()["detail"][0]["msg"]
 

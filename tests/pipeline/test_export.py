@@ -13,13 +13,14 @@ import torch
 
 from ember.specs import ensure_artifacts, read_artifacts
 from ember.specs.artifacts import cache_key, family_spec
+from ember.specs.controlnet import SD15_LCM_CONTROLLABLE_NETWORKS
 from ember.specs.onnx_export import VERIFY_ATOL, verify_onnx
 from ember.specs.safety import SAFETY_NETWORKS
 from ember.specs.sd15 import SD15_LCM_NETWORKS
 from tests.pipeline.conftest import tiny_settings
 
 
-@pytest.mark.parametrize("spec", SD15_LCM_NETWORKS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", SD15_LCM_CONTROLLABLE_NETWORKS, ids=lambda s: s.name)
 def test_export_matches_torch(spec, lcm_artifacts) -> None:
     """onnxruntime vs torch on a fresh sample at a shape other than the traced one (batch 1, 192x320 px):
     max |diff| <= 1e-3 (fp32, kernels differ; measured ~1e-6 to 2e-5)."""
@@ -31,7 +32,7 @@ def test_export_matches_torch(spec, lcm_artifacts) -> None:
     assert lcm_artifacts.manifest["networks"][spec.name]["verified_max_abs_diff"] <= VERIFY_ATOL
 
 
-@pytest.mark.parametrize("spec", SD15_LCM_NETWORKS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", SD15_LCM_CONTROLLABLE_NETWORKS, ids=lambda s: s.name)
 def test_export_io_follows_the_spec(spec, lcm_artifacts) -> None:
     graph = onnx.load(str(lcm_artifacts.onnx_path(spec.name)), load_external_data=False).graph
     assert [i.name for i in graph.input] == spec.input_names
@@ -53,7 +54,7 @@ def test_second_call_is_instant_and_same_dir(lcm_settings, lcm_artifacts) -> Non
 def test_cache_key_names_what_an_export_depends_on(lcm_settings) -> None:
     key = cache_key(lcm_settings, "lcm", "sdv1-5")
     assert {"source", "revision", "precision", "opset", "torch", "onnx", "specs"} <= set(key)
-    assert key["specs"] == {"text_encoder": 1, "unet": 1, "vae_decoder": 1, "vae_encoder": 1}
+    assert key["specs"] == {"text_encoder": 1, "unet": 1, "vae_decoder": 1, "vae_encoder": 1, "controlled_unet": 1}
     real = dataclasses.replace(lcm_settings, weights="real", models=lcm_settings.models)
     assert cache_key(real, "lcm", "sdv1-5")["source"] == "SimianLuo/LCM_Dreamshaper_v7"
 
@@ -87,12 +88,12 @@ def test_torch_runtime_needs_no_onnx_and_onnx_is_added_later(tmp_path) -> None:
     assert read_artifacts(path).config("unet")["time_cond_proj_dim"] == 256
     again = ensure_artifacts(tiny_settings(tmp_path), "lcm", "sdv1-5", progress=False)
     assert again == path and {p.name for p in path.glob("*.onnx")} == {
-        f"{n}.onnx" for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+        f"{n}.onnx" for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder", "controlled_unet")
     }
 
 
 def test_registry_versions_match_the_specs() -> None:
-    assert family_spec("lcm", "sdv1-5").load_networks() == SD15_LCM_NETWORKS
+    assert family_spec("lcm", "sdv1-5").load_networks() == SD15_LCM_CONTROLLABLE_NETWORKS
     assert family_spec("safety_checker", "sd").load_networks() == SAFETY_NETWORKS
 
 

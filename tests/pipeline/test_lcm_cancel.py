@@ -28,7 +28,10 @@ def test_cancel_stops_the_request_within_one_step(torch_pipeline) -> None:
     assert gone.cancelled and gone.images is None
     assert [s for i, s in steps if i == 1] == [1, 2, 3, 4]
     [alone] = torch_pipeline([survivor])
-    assert torch.equal(done.images, alone.images)
+    # The survivor ran 3 of its 4 steps in a batch of 1 instead of 2: torch's CPU kernels may pick another
+    # blocking for another batch size, so equal within one level (measured: see the assertion message).
+    diff = (done.images.int() - alone.images.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, (diff.max(), (diff > 0).float().mean())
 
 
 def test_cancelled_before_start_runs_no_step(ort_pipeline) -> None:

@@ -106,11 +106,14 @@ def test_parse_image_modes() -> None:
         "MASK": mask,
         "STRENGTH": np.array([[0.5]], np.float32),
         "INPAINT_MASK_ONLY": np.array([[True]]),
+        "CONTROLNET_INPAINT": np.array([[True]]),
         "ENABLE_SAFETY_CHECKS": np.array([[False]]),
         "MODEL": np.array([[b"sdv1-5"]], dtype=np.object_),
     }
     request = parse_lcm_request(arrays, LcmDefaults(), _never)
     assert request.mode == "inpaint" and request.strength == 0.5 and request.inpaint_mask_only
+    assert request.controlnet_inpaint
+    assert not parse_lcm_request(_arrays(PROMPT=b"x", SEED=1), LcmDefaults(), _never).controlnet_inpaint
     assert not request.enable_safety_checks and request.model == "sdv1-5"
     assert (request.width, request.height) == (None, None)  # the image's size, resolved by the pipeline
     assert request.image.shape == (40, 56, 3) and request.mask.shape == (40, 56)

@@ -61,16 +61,21 @@ def test_image_size_resolution() -> None:
         resolve_image_size(LcmInput(prompt="x", image_size={"width": 4096, "height": 4096}).image_size, (512, 512))
 
 
-@pytest.mark.parametrize(
-    "fields",
-    [{"model": "sdxl"}, {"lora_url": "https://x/l.safetensors"},
-     {"controlnet_inpaint": True, "image_url": "https://x/i.png", "mask_url": "https://x/m.png"}],
-)
-def test_modes_not_served_yet_are_refused_by_name(fields: dict) -> None:
+def test_controlnet_inpaint_is_sent_with_the_mask_for_sd15_only() -> None:
+    image, mask = np.zeros((40, 56, 3), np.uint8), np.zeros((40, 56), np.uint8)
+    inp = LcmInput(prompt="x", image_url="https://x/i.png", mask_url="https://x/m.png", controlnet_inpaint=True)
+    LcmEndpoint().check(inp)
+    assert LcmEndpoint().to_triton(inp, 1, {"image": image, "mask": mask})["CONTROLNET_INPAINT"].tolist() == [[True]]
+    plain = inp.model_copy(update={"controlnet_inpaint": False})
+    assert LcmEndpoint().to_triton(plain, 1, {"image": image, "mask": mask})["CONTROLNET_INPAINT"].tolist() == [[False]]
+    # without a mask it has no effect (fal: "only effective for inpainting"): noted, not sent
+    no_mask = inp.model_copy(update={"mask_url": None})
+    assert "CONTROLNET_INPAINT" not in LcmEndpoint().to_triton(no_mask, 1, {"image": image})
+    text_only = inp.model_copy(update={"image_url": None, "mask_url": None})
+    assert any("controlnet_inpaint" in note for note in LcmEndpoint().notes(text_only))
     with pytest.raises(InputError) as info:
-        LcmEndpoint().check(LcmInput(prompt="x", **fields))
-    assert info.value.loc == ("body", next(iter(fields)))
-    assert "not supported yet" in info.value.msg
+        LcmEndpoint().check(inp.model_copy(update={"model": "sdxl"}))
+    assert info.value.loc == ("body", "controlnet_inpaint") and "sdv1-5" in info.value.msg
 
 
 def test_mask_without_image_is_refused_at_mask_url() -> None:
@@ -108,3 +113,13 @@ def test_output_shape() -> None:
     dumped = out.model_dump()
     assert dumped["images"][0]["content_type"] == "image/jpeg"
     assert dumped["num_inference_steps"] == 4 and dumped["request_id"] == ""
+
+
+def test_sdxl_is_served_and_sent_as_model() -> None:
+    """model="sdxl" passes the gateway's check and reaches the lcm model as MODEL; text-to-image without
+    image_size gets fal's documented 512x512 for SDXL too."""
+    inp = LcmInput(prompt="x", model="sdxl")
+    LcmEndpoint().check(inp)
+    tensors = LcmEndpoint().to_triton(inp, 1)
+    assert tensors["MODEL"].tolist() == [[b"sdxl"]]
+    assert tensors["WIDTH"].tolist() == [[512]] and tensors["HEIGHT"].tolist() == [[512]]

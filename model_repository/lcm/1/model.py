@@ -15,6 +15,8 @@ import triton_python_backend_utils as pb_utils
 
 from ember.pipeline import load_lcm_pipeline
 from ember.pipeline.lcm_io import INPUT_NAMES, LcmDefaults, parse_lcm_request, progress_arrays, result_arrays
+from ember.pipeline.lcm_models import LcmModels
+from ember.pipeline.lora_io import LoraFiles
 from ember.settings import get_settings
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -42,7 +44,10 @@ class TritonPythonModel:
         self.defaults = LcmDefaults(width=int(width), height=int(height))
         # The realtime path (512 x 512, 4 steps) must not pay first-call set-up: run it once now.
         self.pipeline.warmup(self.defaults.width, self.defaults.height, self.defaults.num_inference_steps)
+        # MODEL "sdxl": loaded on its first request, then resident; sdv1-5 requests never wait for it
+        self.pipeline = LcmModels.with_lazy_sdxl(settings, self.pipeline)
         self.log = pb_utils.Logger
+        self.lora_files = LoraFiles()  # lora_url files parsed once per distinct content
 
     def execute(self, requests: list) -> None:
         # 1. Parse and validate every request; answer the bad ones now, keep the good ones
@@ -54,7 +59,7 @@ class TritonPythonModel:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 arrays[name] = None if tensor is None else tensor.as_numpy()
             try:
-                item = parse_lcm_request(arrays, self.defaults, request.is_cancelled)
+                item = parse_lcm_request(arrays, self.defaults, request.is_cancelled, self.lora_files)
             except ValueError as exc:
                 _fail(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
                 continue

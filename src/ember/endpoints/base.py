@@ -4,17 +4,30 @@ between the two (STYLE.md 1). The gateway knows nothing else about an endpoint."
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel
 
-from ember.endpoints.common import Loc, StoredImage, WeightsFile
+from ember.endpoints.common import Loc, StoredFile, StoredImage, WeightsFile
 
 TritonTensors = dict[str, np.ndarray]
-# Encodes one (H, W, 3) uint8 image in the given format ("jpeg" | "png") and stores it.
-ImageSink = Callable[[np.ndarray, str], Awaitable[StoredImage]]
+
+
+class ImageSink(Protocol):
+    """Where `to_output` puts the files it returns: the gateway stores each one (a URL on its file host)
+    or, with sync_mode, returns it inline as a data URI (ember.gateway.files.FileStore.sink)."""
+
+    def __call__(self, image: np.ndarray, fmt: str, /) -> Awaitable[StoredImage]:
+        """Encodes one (H, W, 3) uint8 image in the given format ("jpeg" | "png") and stores it."""
+        ...
+
+    def file(self, data: bytes, content_type: str, extension: str, /) -> Awaitable[StoredFile]:
+        """Stores one already-encoded file that is not an image (e.g. safetensors debug latents) as is;
+        `extension` (no dot) ends its generated name."""
+        ...
+
 # What `Endpoint.load` fetched, by name (e.g. {"image": (H, W, 3) uint8 array}).
 Loaded = Mapping[str, Any]
 _NOTHING: Loaded = {}
@@ -34,6 +47,11 @@ class MediaLoader(Protocol):
 
     async def weights(self, url: str, loc: Loc) -> WeightsFile:
         """A safetensors file, its header parsed and checked; anything else (pickle, zip, torch) refused."""
+        ...
+
+    async def checkpoint(self, url: str, loc: Loc) -> str:
+        """A single-file model checkpoint (GBs: streamed to disk, checked like `weights`, stored by
+        sha256 where the Triton side reads it): its absolute path."""
         ...
 
 In = TypeVar("In", bound=BaseModel)

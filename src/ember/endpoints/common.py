@@ -91,6 +91,21 @@ class StoredImage:
         )
 
 
+@dataclass(frozen=True)
+class StoredFile:
+    """A non-image output file as the gateway stored it (hosted URL or data URI), e.g. debug latents."""
+
+    url: str
+    content_type: str
+    file_name: str
+    file_size: int
+
+    def file(self) -> File:
+        return File(
+            url=self.url, content_type=self.content_type, file_name=self.file_name, file_size=self.file_size
+        )
+
+
 Loc = tuple[str | int, ...]
 
 

@@ -24,6 +24,7 @@ import binascii
 import ipaddress
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit, urlunsplit
 
@@ -146,11 +147,30 @@ class Fetcher:
         limit = self.policy.max_bytes if max_bytes is None else max_bytes
         if url.startswith("data:"):
             return parse_data_uri(url, limit)
-        deadline = time.monotonic() + self.policy.timeout_s
+        return await self._get(url, limit, self.policy.timeout_s, None)
+
+    async def stream(
+        self, url: str, sink: Callable[[bytes], None], *, max_bytes: int, timeout_s: float
+    ) -> Fetched:
+        """GET `url` (or a data: URI) chunk by chunk into `sink`, never holding it whole (model checkpoints
+        of several GB), under the same address rules; `max_bytes` and `timeout_s` replace the policy's.
+        The returned Fetched carries no data."""
+        if url.startswith("data:"):
+            fetched = parse_data_uri(url, max_bytes)
+            sink(fetched.data)
+            return Fetched(b"", fetched.content_type, fetched.url)
+        return await self._get(url, max_bytes, timeout_s, sink)
+
+    async def _get(
+        self, url: str, limit: int, timeout_s: float, sink: Callable[[bytes], None] | None
+    ) -> Fetched:
+        deadline = time.monotonic() + timeout_s
         try:
-            async with asyncio.timeout(self.policy.timeout_s):
+            async with asyncio.timeout(timeout_s):
                 for _ in range(self.policy.max_redirects + 1):
-                    status, location, content_type, data = await self._send_once("GET", url, deadline, limit)
+                    status, location, content_type, data = await self._send_once(
+                        "GET", url, deadline, limit, sink=sink
+                    )
                     if status in (301, 302, 303, 307, 308) and location:
                         url = urljoin(url, location)
                         continue
@@ -158,9 +178,7 @@ class Fetcher:
                         raise FetchError(f"fetching {shown(url)} answered HTTP {status}", "url_fetch_error")
                     return Fetched(data, content_type, url)
         except TimeoutError as exc:
-            raise FetchError(
-                f"fetching {shown(url)} took longer than {self.policy.timeout_s:.0f} s", "url_timeout"
-            ) from exc
+            raise FetchError(f"fetching {shown(url)} took longer than {timeout_s:.0f} s", "url_timeout") from exc
         raise FetchError(f"more than {self.policy.max_redirects} redirects from {shown(url)}", "url_fetch_error")
 
     async def post(self, url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> int:
@@ -199,7 +217,7 @@ class Fetcher:
 
     async def _send_once(
         self, method: str, url: str, deadline: float, max_bytes: int, body: bytes | None = None,
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None, sink: Callable[[bytes], None] | None = None,
     ) -> tuple[int, str | None, str, bytes]:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
@@ -250,7 +268,10 @@ class Fetcher:
                 size += len(chunk)
                 if size > max_bytes:
                     raise FetchError(f"{shown(url)} is larger than {max_bytes} bytes", "file_too_large")
-                chunks.append(chunk)
+                if sink is not None and response.status_code < 400:
+                    sink(chunk)
+                else:
+                    chunks.append(chunk)
             content_type = response.headers.get("content-type", "application/octet-stream").split(";")[0]
             return response.status_code, None, content_type.strip(), b"".join(chunks)
         except httpx.HTTPError as exc:

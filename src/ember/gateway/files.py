@@ -31,8 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ember.endpoints.base import ImageSink
-from ember.endpoints.common import StoredImage
+from ember.endpoints.common import StoredFile, StoredImage
 from ember.gateway.db import Database
 
 log = logging.getLogger(__name__)
@@ -165,15 +164,34 @@ class FileStore:
     async def inline(self, image: np.ndarray, fmt: str) -> StoredImage:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._inline, image, fmt)
 
-    def sink(self, sync_mode: bool, ttl: float | None = None) -> ImageSink:
-        """What an endpoint's `to_output` stores images with."""
-        if sync_mode:
-            return self.inline
+    def _save_file(self, data: bytes, content_type: str, extension: str) -> StoredFile:
+        name = new_name(extension)
+        tmp = self.root / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.root / name)
+        return StoredFile(url=self.url_of(name), content_type=content_type, file_name=name, file_size=len(data))
 
-        async def save(image: np.ndarray, fmt: str) -> StoredImage:
-            return await self.save(image, fmt, ttl)
+    async def save_file(
+        self, data: bytes, content_type: str, extension: str, ttl: float | None = None
+    ) -> StoredFile:
+        """Stores an output file that is not an image (already encoded) under a new name."""
+        if not re.fullmatch(r"[a-z0-9]{1,12}", extension):
+            raise ValueError(f"not a file extension we hand out: {extension!r}")
+        stored = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._save_file, data, content_type, extension)
+        # The record keeps the content type for GET (an unknown extension would guess another one).
+        await self._record(stored.file_name, content_type, len(data), ttl)
+        return stored
 
-        return save
+    async def inline_file(self, data: bytes, content_type: str, extension: str) -> StoredFile:
+        """The file as a data URI (sync_mode), with the name it would have had."""
+        encoded = await asyncio.get_running_loop().run_in_executor(self._executor, base64.b64encode, data)
+        return StoredFile(url=f"data:{content_type};base64,{encoded.decode('ascii')}", content_type=content_type,
+                          file_name=new_name(extension), file_size=len(data))
+
+    def sink(self, sync_mode: bool, ttl: float | None = None) -> OutputSink:
+        """What an endpoint's `to_output` stores its images and other files with."""
+        return OutputSink(self, sync_mode, ttl)
 
     # -- uploads -----------------------------------------------------------------------------------
 
@@ -332,3 +350,23 @@ class FileStore:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+@dataclass(frozen=True)
+class OutputSink:
+    """ember.endpoints.base.ImageSink over a FileStore: stored files (expiring after `ttl` seconds when set),
+    or data URIs when `sync_mode`."""
+
+    store: FileStore
+    sync_mode: bool
+    ttl: float | None = None
+
+    async def __call__(self, image: np.ndarray, fmt: str, /) -> StoredImage:
+        if self.sync_mode:
+            return await self.store.inline(image, fmt)
+        return await self.store.save(image, fmt, self.ttl)
+
+    async def file(self, data: bytes, content_type: str, extension: str, /) -> StoredFile:
+        if self.sync_mode:
+            return await self.store.inline_file(data, content_type, extension)
+        return await self.store.save_file(data, content_type, extension, self.ttl)

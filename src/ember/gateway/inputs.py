@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from ember.endpoints.common import InputError, Loc, WeightsFile
+from ember.gateway.checkpoints import CheckpointCache
 from ember.gateway.fetcher import Fetcher, FetchError
 from ember.gateway.files import FILE_NAME, FileStore, FileTooLarge
 from ember.gateway.media import ImageInputError, decode_image
@@ -40,10 +41,11 @@ def _origin(url: str) -> str | None:
 class GatewayMedia:
     def __init__(
         self, fetcher: Fetcher, files: FileStore, own_bases: tuple[str, ...], *, max_image_bytes: int,
-        max_weights_bytes: int,
+        max_weights_bytes: int, checkpoints: CheckpointCache | None = None,
     ) -> None:
         self.fetcher = fetcher
         self.files = files
+        self.checkpoints = checkpoints
         self._own_origins = frozenset(o for o in (_origin(b) for b in own_bases) if o)
         self.max_image_bytes = max_image_bytes
         self.max_weights_bytes = max_weights_bytes
@@ -81,6 +83,14 @@ class GatewayMedia:
             return await asyncio.to_thread(decode_image, data, mode=mode)
         except ImageInputError as exc:
             raise InputError(loc, exc.msg, exc.kind) from None
+
+    async def checkpoint(self, url: str, loc: Loc) -> str:
+        """A single-file model checkpoint streamed to the shared checkpoint directory (ember.gateway.checkpoints):
+        its absolute path, named by its sha256."""
+        if self.checkpoints is None:
+            raise InputError(loc, "this gateway does not fetch model checkpoints", "not_supported")
+        path = await self.checkpoints.fetch(url, loc, own_name=self.own_file(url))
+        return str(path)
 
     async def weights(self, url: str, loc: Loc) -> WeightsFile:
         data, _ = await self.read(url, loc, self.max_weights_bytes)

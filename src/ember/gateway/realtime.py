@@ -177,7 +177,8 @@ class Session:
             seed = self.endpoint.seed_of(valid.input)
             output = await execute(
                 self.endpoint, valid.input, secrets.randbelow(RANDOM_SEED_BOUND) if seed is None else seed,
-                str(uuid.uuid4()), self.state.backend, self.state.media, self.state.files.inline, lambda s, t: None)
+                str(uuid.uuid4()), self.state.backend, self.state.media, self.state.files.sink(sync_mode=True),
+                lambda s, t: None)
         except (ApiError, InputError, BackendError) as exc:
             error = (exc if isinstance(exc, ApiError) else from_input_error(exc) if isinstance(exc, InputError)
                      else backend_error(exc, 1))

@@ -16,6 +16,8 @@ from pydantic import BaseModel
 from ember.endpoints.base import Endpoint
 from ember.gateway.auth import KeyStore
 from ember.gateway.backend import Backend
+from ember.gateway.checkpoints import SUBDIR as CHECKPOINTS
+from ember.gateway.checkpoints import CheckpointCache
 from ember.gateway.db import Database
 from ember.gateway.errors import ApiError, ErrorType
 from ember.gateway.fetcher import Fetcher, FetchPolicy
@@ -112,8 +114,11 @@ class GatewayState:
                                       allow=settings.fetch_allow))
         own = (run_base, base_url(settings.public_host, settings.rest_port),
                base_url(settings.public_host, settings.http_port, "http"))
+        # fal-ai/lora model_name URLs: streamed into the model root that Triton reads (ember.gateway.checkpoints)
+        checkpoints = CheckpointCache(fetcher, files, (settings.lora_models_dir / CHECKPOINTS).resolve(),
+                                      max_bytes=settings.checkpoint_max_bytes, timeout_s=settings.checkpoint_timeout)
         media = GatewayMedia(fetcher, files, own, max_image_bytes=settings.fetch_max_bytes,
-                             max_weights_bytes=settings.weights_max_bytes)
+                             max_weights_bytes=settings.weights_max_bytes, checkpoints=checkpoints)
         metrics = Metrics()
         worker = Worker(jobs, backend, files, media, settings.worker_concurrency,
                         max_attempts=settings.max_attempts if max_attempts is None else max_attempts,

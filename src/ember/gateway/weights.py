@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from pathlib import Path
 
 from ember.endpoints.common import InputError, Loc, TensorInfo, WeightsFile
 
@@ -47,13 +48,32 @@ def check_safetensors(data: bytes, loc: Loc, max_bytes: int | None = None) -> We
     """The parsed, checked safetensors file; InputError (422 at `loc`) for anything else."""
     if max_bytes is not None and len(data) > max_bytes:
         raise InputError(loc, f"the weights file is larger than {max_bytes} bytes", "file_too_large")
+    tensors, metadata = _check_layout(data, len(data), loc)
+    return WeightsFile(data=data, tensors=tensors, metadata=metadata)
+
+
+def check_safetensors_file(path: Path, loc: Loc) -> WeightsFile:
+    """The same checks on a file on disk (a multi-GB checkpoint): only its header is read. The returned
+    WeightsFile carries no data; the file stays where it is."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) == 8 and not any(head.startswith(magic) for magic, _ in _REFUSED):
+            (header_len,) = struct.unpack("<Q", head)
+            head += f.read(min(header_len, MAX_HEADER_BYTES + 1))
+    tensors, metadata = _check_layout(head, size, loc)
+    return WeightsFile(data=b"", tensors=tensors, metadata=metadata)
+
+
+def _check_layout(data: bytes, size: int, loc: Loc) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """`data`: the file's first bytes (at least its 8-byte length and header); `size`: the whole file's."""
     for magic, what in _REFUSED:
         if data.startswith(magic):
             raise _refuse(loc, f"this file is {what}")
-    if len(data) < 8:
+    if size < 8 or len(data) < 8:
         raise _refuse(loc, "the file is too short to be safetensors")
     (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > min(size, len(data)):
         raise _refuse(loc, "the header length does not fit the file (not a safetensors file, or truncated)")
     try:
         header = json.loads(data[8:8 + header_len].decode("utf-8"))
@@ -67,7 +87,7 @@ def check_safetensors(data: bytes, loc: Loc, max_bytes: int | None = None) -> We
         raise _refuse(loc, "__metadata__ must map strings to strings")
     if len(header) > MAX_TENSORS:
         raise _refuse(loc, f"more than {MAX_TENSORS} tensors")
-    data_len = len(data) - 8 - header_len
+    data_len = size - 8 - header_len
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         tensors[name] = _tensor(name, entry, data_len, loc)
@@ -79,7 +99,7 @@ def check_safetensors(data: bytes, loc: Loc, max_bytes: int | None = None) -> We
         position = info.end
     if position != data_len:
         raise _refuse(loc, "the data section does not match the tensors the header lists")
-    return WeightsFile(data=data, tensors=tensors, metadata=dict(metadata))
+    return tensors, dict(metadata)
 
 
 def _tensor(name: str, entry: object, data_len: int, loc: Loc) -> TensorInfo:

@@ -4,7 +4,7 @@ One job, in order (`execute`, which the realtime sessions share):
 1. IN_PROGRESS (attempt n); on the first attempt the endpoint's notes become the first log lines.
 2. endpoint.load(input, media): URL inputs fetched and decoded (422 at the field on failure).
 3. endpoint.to_triton(input, seed, loaded) -> backend.generate(): each Progress is a log "step i/n".
-4. Final -> endpoint.to_output(..., store=files), images stored as files or data URIs.
+4. Final -> endpoint.to_output(..., store=files.sink(...)), images and other files stored as files or data URIs.
 5. COMPLETED with the output JSON, or with an error from the table in errors.py.
 
 Backend "unavailable" errors are retried (at the head of the queue, after a back-off) up to

@@ -5,6 +5,11 @@ added to the UNet's skip connections (the UNet of ember.specs.controlnet takes t
 
 Units are per request, so a batch may mix requests with different ControlNets, images and scales: each
 ControlNet network runs once per step on the rows that use it, and rows it does not condition get zeros.
+
+A unit may carry a mask (fal-ai/lora's `controlnets[].mask_url`): its residuals are then confined to the
+mask's region. Each residual lives on a latent grid (latent / 1, 2, 4, 8); the mask, resized to the output
+size, is area-averaged onto that grid (adaptive average pooling) and multiplies the residual, so a cell
+counts with the fraction of its pixels the mask covers (white = 1 = full control, black = 0 = none).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ember.runtime import Runner
@@ -28,6 +34,18 @@ def control_image(image: np.ndarray, width: int, height: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(resized).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
 
 
+def control_mask(mask: np.ndarray, width: int, height: int) -> torch.Tensor:
+    """(H, W) uint8 grey (white = apply) -> (1, 1, height, width) float32 in [0, 1], resized to the output
+    size with the same Lanczos filter as its control image (fal: the mask has the control image's size)."""
+    resized = Image.fromarray(mask).convert("L").resize((width, height), resample=Image.LANCZOS)
+    return torch.from_numpy(np.asarray(resized).astype(np.float32) / 255.0)[None, None]
+
+
+def masked(residual: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(n, c, h_l, w_l) residual x the (1, 1, H, W) mask area-averaged onto its (h_l, w_l) grid."""
+    return residual * F.adaptive_avg_pool2d(mask.to(residual.device, residual.dtype), residual.shape[-2:])
+
+
 def control_active(step: int, total: int, start: float, end: float) -> bool:
     """Whether step `step` (0-based) of `total` lies in [start, end] as fractions of the schedule: diffusers'
     `controlnet_keep`, 1 - (i / n < start or (i + 1) / n > end)."""
@@ -39,13 +57,16 @@ class ControlNetUnit:
     """One ControlNet conditioning one request (k images)."""
 
     runner: Runner  # the ControlNet network (ember.specs.controlnet.CONTROLNET)
-    image: torch.Tensor  # (1, 3, H, W) in [0, 1], already at the output size (control_image)
+    # (1, 3, H, W) in [0, 1] (control_image), already at the output size; the inpaint ControlNet's has -1
+    # at the pixels to fill (ember.pipeline.lcm_controlnet.inpaint_condition)
+    image: torch.Tensor
     scale: float = 1.0  # controlnet_conditioning_scale
     start: float = 0.0  # control_guidance_start, fraction of the schedule
     end: float = 1.0  # control_guidance_end
     # diffusers' guess mode: the ControlNet sees only the conditional half of a CFG batch (the
     # unconditional rows get zeros), and its residuals are weighted 0.1 .. 1 from shallow to deep.
     guess_mode: bool = False
+    mask: torch.Tensor | None = None  # (1, 1, H, W) in [0, 1] (control_mask): confines the residuals
 
 
 @dataclass(frozen=True)
@@ -72,6 +93,10 @@ def zero_residuals(
     return out
 
 
+# One unit's share of a ControlNet call: (rows index (n,), control image (n, 3, H, W), scale (n,), mask).
+_Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
 def controlnet_residuals(
     rows: Sequence[ControlRows],
     sample: torch.Tensor,  # (B, C, h, w): the UNet's input this step, scheduler-scaled
@@ -82,7 +107,8 @@ def controlnet_residuals(
 ) -> dict[str, torch.Tensor] | None:
     """The summed residuals of every unit for the whole batch (names of RESIDUAL_NAMES, batch B), or None
     when no row has a unit. A unit outside its start/end runs with scale 0, as diffusers runs it."""
-    calls: dict[int, tuple[Runner, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], bool]] = {}
+    # One call per (runner, guess mode); each part is one unit's rows.
+    calls: dict[tuple[int, bool], tuple[Runner, list[_Part]]] = {}
     for r in rows:
         for unit in r.units:
             scale = unit.scale if control_active(step, total, unit.start, unit.end) else 0.0
@@ -90,14 +116,13 @@ def controlnet_residuals(
             index = torch.arange(first, r.offset + r.size)  # the rows this unit conditions
             image = unit.image.to(sample.device).expand(len(index), -1, -1, -1)
             # Units sharing a runner and a guess mode run as one call; each keeps its own rows.
-            key = (id(unit.runner), unit.guess_mode)
-            calls.setdefault(key, (unit.runner, [], unit.guess_mode))[1].append(  # type: ignore[index]
-                (index, image, torch.full((len(index),), scale))
+            calls.setdefault((id(unit.runner), unit.guess_mode), (unit.runner, []))[1].append(
+                (index, image, torch.full((len(index),), scale), unit.mask)
             )
     if not calls:
         return None
     total_residuals: dict[str, torch.Tensor] = {}
-    for runner, parts, guess_mode in calls.values():
+    for (_, guess_mode), (runner, parts) in calls.items():
         index = torch.cat([p[0] for p in parts])
         out = runner.run(
             {
@@ -112,6 +137,9 @@ def controlnet_residuals(
         weights = torch.logspace(-1, 0, len(RESIDUAL_NAMES)) if guess_mode else None
         for j, name in enumerate(RESIDUAL_NAMES):
             value = out[name] if weights is None else out[name] * weights[j]
+            if any(p[3] is not None for p in parts):  # masks apply to their own unit's rows only
+                pieces = value.split([len(p[0]) for p in parts])
+                value = torch.cat([v if p[3] is None else masked(v, p[3]) for v, p in zip(pieces, parts)])
             if name not in total_residuals:
                 total_residuals[name] = torch.zeros(
                     (sample.shape[0], *value.shape[1:]), dtype=value.dtype, device=value.device

@@ -41,6 +41,12 @@ class GuidedSlot:
     is_cancelled: Callable[[], bool]
     controls: Sequence[ControlNetUnit] = ()
     cancelled: bool = False
+    # A list to record into: the latents after every scheduler step, (k, C, h, w) float32 on the CPU, as
+    # diffusers' callback_on_step_end sees them (fal's debug_per_pass_latents); None records nothing.
+    passes: list[torch.Tensor] | None = None
+    # Extra per-request UNet inputs, rows as `embeddings` (IP-Adapter image embeds and masks,
+    # ember.pipeline.ip_adapter): concatenated across the batch under the same names.
+    unet_feeds: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -53,6 +59,26 @@ class Controlled:
     zero residuals of a step where no request has an active unit."""
 
     unet_config: dict[str, Any] = field(default_factory=dict)
+
+    def feeds(
+        self,
+        slots: Sequence[tuple[Sequence[ControlNetUnit], int, int]],
+        sample: torch.Tensor,  # (B, C, h, w), the UNet's input this step
+        timestep: torch.Tensor,  # (B,)
+        embeddings: torch.Tensor,  # (B, 77, D)
+        step: int,
+        total: int,
+    ) -> dict[str, torch.Tensor]:
+        """The UNet's residual inputs for one step. `slots` in batch order: (units, rows in the batch,
+        conditional rows k) per request; zeros when no unit acts (x + 0 = x: the plain UNet's result)."""
+        rows, offset = [], 0
+        for units, size, k in slots:
+            rows.append(ControlRows(units, offset, size, k))
+            offset += size
+        residuals = controlnet_residuals(rows, sample, timestep, embeddings, step, total)
+        if residuals is None:
+            residuals = zero_residuals(self.unet_config, *sample.shape[:1], *sample.shape[2:], sample)
+        return residuals
 
 
 def guided_denoise(
@@ -82,16 +108,14 @@ def guided_denoise(
         embeddings = torch.cat([s.embeddings for s in active])  # (B, 77, D)
         feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": embeddings}
         if controlled is not None:
-            rows, offset = [], 0
-            for s, n in zip(active, sizes, strict=True):
-                rows.append(ControlRows(s.controls, offset, n, s.latents.shape[0]))
-                offset += n
-            residuals = controlnet_residuals(rows, sample, timestep, embeddings, i, total)
-            if residuals is None:
-                residuals = zero_residuals(controlled.unet_config, *sample.shape[:1], *sample.shape[2:], sample)
-            feeds.update(residuals)
+            units = [(s.controls, n, s.latents.shape[0]) for s, n in zip(active, sizes, strict=True)]
+            feeds.update(controlled.feeds(units, sample, timestep, embeddings, i, total))
+        for name in active[0].unet_feeds:  # every slot of a batch has the same extra inputs
+            feeds[name] = torch.cat([s.unet_feeds[name] for s in active])
         noise_pred = unet.run(feeds)["noise_pred"]
         for s, t, pred in zip(active, steps, noise_pred.split(sizes), strict=True):
             guided = cfg_combine(pred, s.guidance_scale)
             s.latents = s.scheduler.step(guided, t, s.latents, **s.step_kwargs, return_dict=False)[0]
+            if s.passes is not None:
+                s.passes.append(s.latents.to("cpu", torch.float32, copy=True))
             on_step(s.index, i + 1, total)

@@ -6,8 +6,10 @@ that defines it:
     inpainting      StableDiffusionInpaintPipeline with LCMScheduler and the LCM UNet (4 channels: the
                     known region is re-imposed after every step; timesteps cut by strength)
 
-then, per request, fal's options: `inpaint_mask_only` (original pixels pasted back outside the mask) and
-`enable_safety_checks` (ember.pipeline.safety, shared with the other endpoints).
+then, per request, fal's options: `controlnet_inpaint` (inpainting steered by the inpaint ControlNet,
+ember.pipeline.lcm_controlnet), `inpaint_mask_only` (original pixels pasted back outside the mask),
+`enable_safety_checks` (ember.pipeline.safety, shared with the other endpoints) and `lora_url` +
+`lora_scale` (a LoRA fused into the text encoder and UNet for that request's batch, ember.pipeline.lcm_lora).
 
 A list of requests goes in (what Triton's dynamic batcher handed to one execute); compatible ones run as
 one network batch, each with its own scheduler and generator, so every request gets exactly the image it
@@ -19,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -27,11 +29,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ember.pipeline.batching import batch_key, group_compatible
+from ember.pipeline.controlnet import ControlNetUnit
 from ember.pipeline.decode import decode_latents, to_uint8
 from ember.pipeline.denoise import DenoiseSlot, InpaintBlend, lcm_denoise
 from ember.pipeline.encode import encode_prompts
 from ember.pipeline.images import ImagePreprocessor, default_size, encode_images, paste_outside_mask
 from ember.pipeline.latents import guidance_embedding, initial_latents
+from ember.pipeline.lcm_controlnet import InpaintControl, InpaintControlLoader
+from ember.pipeline.lcm_lora import LcmLoras
 from ember.pipeline.requests import (
     NEGATIVE_PROMPT_IGNORED,
     StepCallback,
@@ -83,6 +88,8 @@ def check_request(request: Text2ImageRequest) -> list[str]:
             )
     if request.inpaint_mask_only and request.mask is None:
         problems.append("inpaint_mask_only needs a mask")
+    if request.controlnet_inpaint and request.mask is None:
+        problems.append("controlnet_inpaint needs a mask (it steers inpainting)")
     if problems:
         return problems
     if request.image is not None and (request.width is None or request.height is None):
@@ -114,8 +121,16 @@ def steps_walked(request: Text2ImageRequest) -> int:
 
 
 def lcm_batch_key(request: Text2ImageRequest) -> Hashable:
-    """Same model, mode, size and steps walked: one set of networks, one preparation, lock-step loop."""
-    return (request.model, request.mode, *batch_key(request), steps_walked(request))
+    """Same model, mode, UNet (plain or ControlNet-steered), size and steps walked: one set of networks,
+    one preparation, lock-step loop."""
+    return (
+        request.model,
+        request.mode,
+        request.controlnet_inpaint,
+        *batch_key(request),
+        steps_walked(request),
+        request.lora_key,  # one fused LoRA set per network batch
+    )
 
 
 class LcmPipeline:
@@ -138,9 +153,12 @@ class LcmPipeline:
         vae_config: dict[str, Any],
         vae_encoder: Runner | None = None,
         safety_checker: SafetyChecker | None = None,
+        inpaint_control: Callable[[], InpaintControl] | None = None,
     ):
         self.text_encoder, self.unet, self.vae_decoder = text_encoder, unet, vae_decoder
         self.vae_encoder, self.safety_checker = vae_encoder, safety_checker
+        # controlnet_inpaint's networks, created on first use (InpaintControlLoader); None: not served
+        self.inpaint_control = inpaint_control
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self.new_scheduler = SchedulerFactory(scheduler_config)
@@ -151,6 +169,7 @@ class LcmPipeline:
         self.vae_scaling_factor = float(vae_config["scaling_factor"])
         self.preprocess = ImagePreprocessor(self.vae_scale_factor)
         self._w_embeddings: dict[float, torch.Tensor] = {}  # guidance scale -> (1, time_cond_proj_dim)
+        self.loras = LcmLoras(text_encoder, unet, self.model)  # lora_url: fused per batch, base restored
 
     def _guidance(self, guidance_scale: float, k: int) -> torch.Tensor:
         """(k, time_cond_proj_dim) guidance embedding, computed once per guidance value (fal's 0..8 range
@@ -164,14 +183,21 @@ class LcmPipeline:
 
     @classmethod
     def from_artifacts(
-        cls, settings: Settings, artifacts: Artifacts, safety_checker: SafetyChecker | None = None
+        cls,
+        settings: Settings,
+        artifacts: Artifacts,
+        safety_checker: SafetyChecker | None = None,
+        controlnet_inpaint: bool = False,
     ) -> LcmPipeline:
-        """Runners for settings.runtime over an artifact directory built by ember.specs.ensure_artifacts."""
+        """Runners for settings.runtime over an artifact directory built by ember.specs.ensure_artifacts;
+        with `controlnet_inpaint`, a loader of that option's networks (nothing is loaded before its first
+        request)."""
         key = artifacts.manifest["key"]
         specs = {s.name: s for s in family_spec(key["family"], key["variant"]).load_networks()}
         return cls(
-            text_encoder=create_runner(settings, artifacts, specs["text_encoder"]),
-            unet=create_runner(settings, artifacts, specs["unet"]),
+            # refittable: lora_url fuses LoRAs into these two (ember.pipeline.lcm_lora)
+            text_encoder=create_runner(settings, artifacts, specs["text_encoder"], refittable=True),
+            unet=create_runner(settings, artifacts, specs["unet"], refittable=True),
             vae_decoder=create_runner(settings, artifacts, specs["vae_decoder"]),
             vae_encoder=create_runner(settings, artifacts, specs["vae_encoder"]),
             tokenizer=AutoTokenizer.from_pretrained(artifacts.tokenizer_dir),
@@ -179,19 +205,40 @@ class LcmPipeline:
             unet_config=artifacts.config("unet"),
             vae_config=artifacts.config("vae"),
             safety_checker=safety_checker,
+            inpaint_control=InpaintControlLoader(settings, artifacts) if controlnet_inpaint else None,
         )
 
     def warmup(self, width: int = 512, height: int = 512, steps: int = 4) -> None:
         """One throw-away text-to-image request at the serving size, so the first real request finds
         every runner's session initialised (onnxruntime / TensorRT allocate and pick kernels on their
         first call) and the scheduler template for `steps` built."""
-        self([Text2ImageRequest(prompt="", seed=0, width=width, height=height, num_inference_steps=steps)])
+        self([Text2ImageRequest(
+            prompt="", seed=0, width=width, height=height, num_inference_steps=steps, model=self.model
+        )])
 
     def problems(self, request: Text2ImageRequest) -> list[str]:
         """check_request plus what depends on this model: its variant, scheduler and loaded networks."""
         problems = check_request(request)
         if request.model != self.model:
             problems.append(f"model {request.model!r} is not loaded here (this pipeline serves {self.model!r})")
+        problems.extend(self.strength_problems(request))
+        if request.image is not None and self.vae_encoder is None:
+            problems.append("this pipeline was built without a VAE encoder: image inputs are not served")
+        if request.enable_safety_checks and self.safety_checker is None:
+            problems.append("enable_safety_checks: no safety checker is loaded on this server")
+        if request.controlnet_inpaint and self.inpaint_control is None:
+            problems.append("controlnet_inpaint: this pipeline was built without the inpaint ControlNet")
+        if request.controlnet_inpaint and request.loras:
+            # lcm_lora fuses into the plain UNet, not the controlled_unet export: refused, never ignored
+            problems.append("controlnet_inpaint together with a LoRA is not supported yet by this server")
+        problems.extend(self.loras.problems(request))
+        return problems
+
+    # Hooks a model family overrides (ember.pipeline.lcm_xl): strength semantics, batch key, prompt
+    # conditioning, extra UNet inputs. The steps below call them; the loop and stages stay shared.
+
+    def strength_problems(self, request: Text2ImageRequest) -> list[str]:
+        problems = []
         if request.mode == "image" and int(self.original_steps * request.strength) < request.num_inference_steps:
             problems.append(
                 f"strength {request.strength} leaves int({self.original_steps} x strength) = "
@@ -203,11 +250,29 @@ class LcmPipeline:
                 f"strength {request.strength} x num_inference_steps {request.num_inference_steps} leaves no "
                 "denoising step: raise strength or the steps"
             )
-        if request.image is not None and self.vae_encoder is None:
-            problems.append("this pipeline was built without a VAE encoder: image inputs are not served")
-        if request.enable_safety_checks and self.safety_checker is None:
-            problems.append("enable_safety_checks: no safety checker is loaded on this server")
         return problems
+
+    def batch_key(self, request: Text2ImageRequest) -> Hashable:
+        return lcm_batch_key(request)
+
+    def schedule(self, request: Text2ImageRequest) -> tuple[Any, torch.Tensor]:
+        """A fresh scheduler for the request and the timesteps it walks: image-to-image spaces n steps
+        within strength (LatentConsistencyModelImg2ImgPipeline), inpainting cuts the tail (get_timesteps)."""
+        scheduler = self.new_scheduler(
+            request.num_inference_steps, request.strength if request.mode == "image" else None
+        )
+        if request.mode == "inpaint":
+            return scheduler, strength_timesteps(scheduler, request.num_inference_steps, request.strength)
+        return scheduler, scheduler.timesteps
+
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Conditioning per distinct prompt, one row each: text_embeddings (P, 77, D) for the UNet's
+        encoder_hidden_states; any other entry is an added UNet input of the same name (P, ...)."""
+        return {"text_embeddings": encode_prompts(self.text_encoder, self.tokenizer, prompts)}
+
+    def image_conditions(self, request: Text2ImageRequest, k: int) -> dict[str, torch.Tensor]:
+        """UNet inputs that depend on the request's image size, not its prompt (k, ...): none for SD1.5."""
+        return {}
 
     def __call__(
         self, requests: Sequence[Text2ImageRequest], on_step: StepCallback | None = None
@@ -222,7 +287,7 @@ class LcmPipeline:
 
         # 2. Group the requests that can share one network batch, and run each group
         results: dict[int, Text2ImageResult] = {}
-        for group in group_compatible(requests, MAX_BATCH_IMAGES, key=lcm_batch_key):
+        for group in group_compatible(requests, MAX_BATCH_IMAGES, key=self.batch_key):
             results.update(self._run_batch({i: requests[i] for i in group}, on_step))
         return [results[i] for i in range(len(requests))]
 
@@ -237,27 +302,23 @@ class LcmPipeline:
         width, height = first.width, first.height
         latent_h, latent_w = height // self.vae_scale_factor, width // self.vae_scale_factor
         device = self.unet.device
+        # The group's LoRA set fused into the text encoder and UNet (lcm_batch_key: one set per group; the
+        # empty set restores the base weights exactly)
+        self.loras.apply(first.loras)
 
         # 3. Encode each distinct prompt once: (P, 77, D). LCM has no unconditional branch, so
         #    negative_prompt is not used (diffusers' LCM pipeline ignores it too; the result notes it).
         prompts = list(dict.fromkeys(r.prompt for r in batch.values()))
-        embeddings = encode_prompts(self.text_encoder, self.tokenizer, prompts).to(device)
+        encoded_prompts = {name: t.to(device) for name, t in self.encode(prompts).items()}
+        embeddings = encoded_prompts.pop("text_embeddings")
         row = {prompt: i for i, prompt in enumerate(prompts)}
 
         # 4. Per request: its own scheduler and generator. Image modes: the input image (1, 3, H, W) in
         #    [-1, 1] through one VAE encoder call for the whole batch, each sample from its own generator.
         schedulers, generators, timesteps = {}, {}, {}
         for index, request in batch.items():
-            img2img = request.mode == "image"
-            schedulers[index] = self.new_scheduler(
-                request.num_inference_steps, request.strength if img2img else None
-            )
+            schedulers[index], timesteps[index] = self.schedule(request)
             generators[index] = torch.Generator("cpu").manual_seed(request.seed)
-            timesteps[index] = (
-                strength_timesteps(schedulers[index], request.num_inference_steps, request.strength)
-                if request.mode == "inpaint"
-                else schedulers[index].timesteps
-            )
         image_latents: dict[int, torch.Tensor] = {}
         if first.mode != "text":
             assert self.vae_encoder is not None  # problems() refused image requests otherwise
@@ -272,7 +333,8 @@ class LcmPipeline:
         encoded = time.perf_counter()
 
         # 5. Initial latents (k, C, h, w), the text embedding per image (k, 77, D), the guidance
-        #    embedding (k, time_cond_proj_dim)
+        #    embedding (k, time_cond_proj_dim); with controlnet_inpaint, each request's control image
+        control = self.inpaint_control() if first.controlnet_inpaint and self.inpaint_control else None
         slots = []
         for index, request in batch.items():
             scheduler, generator, k = schedulers[index], generators[index], request.num_images
@@ -298,15 +360,24 @@ class LcmPipeline:
                     generator=generator,
                     latents=latents.to(device),
                     text_embeddings=embeddings[row[request.prompt]].expand(k, -1, -1),
+                    added_cond={
+                        **{n: t[row[request.prompt]].expand(k, *t.shape[1:]) for n, t in encoded_prompts.items()},
+                        **self.image_conditions(request, k),
+                    },
                     timestep_cond=self._guidance(request.guidance_scale, k),
                     is_cancelled=request.is_cancelled,
                     timesteps=timesteps[index],
                     inpaint=inpaint,
+                    controls=self._controls(control, request, width, height) if control else (),
                 )
             )
 
-        # 6. Denoising loop: one UNet batch per step for every request still running
-        lcm_denoise(self.unet, slots, on_step)
+        # 6. Denoising loop: one UNet batch per step for every request still running (with
+        #    controlnet_inpaint: the ControlNet, then the UNet taking its residuals)
+        if control is None:
+            lcm_denoise(self.unet, slots, on_step)
+        else:
+            lcm_denoise(control.unet, slots, on_step, control.controlled)
         denoised_at = time.perf_counter()
 
         # 7. Decode the finished requests in one VAE batch, (B, 3, H, W), then uint8 (k, H, W, 3) per request
@@ -355,6 +426,13 @@ class LcmPipeline:
             results[index] = Text2ImageResult(pixels_out[index], nsfw[index], dict(timings), notes=notes)
         return results
 
+    def _controls(
+        self, control: InpaintControl, request: Text2ImageRequest, width: int, height: int
+    ) -> tuple[ControlNetUnit, ...]:
+        """controlnet_inpaint's unit: the control image from the image and the mask at the output size."""
+        assert request.image is not None and request.mask is not None  # check_request: it needs a mask
+        return control.units(request.image, self.preprocess.mask_tensor(request.mask, width, height))
+
     def _inpaint_blend(
         self,
         request: Text2ImageRequest,
@@ -387,12 +465,26 @@ def _split(flags: list[bool], sizes: list[int]) -> list[list[bool]]:
 LcmText2ImagePipeline = LcmPipeline
 
 
-def load_lcm_pipeline(settings: Settings, variant: str = "sdv1-5", safety: bool = True) -> LcmPipeline:
-    """The fal-ai/lcm pipeline for `variant` (with the shared safety checker unless `safety` is False),
-    building demo weights and exports first if they are missing."""
+def load_lcm_pipeline(
+    settings: Settings,
+    variant: str = "sdv1-5",
+    safety: bool = True,
+    safety_checker: SafetyChecker | None = None,
+) -> LcmPipeline:
+    """The fal-ai/lcm pipeline for `variant` (with the shared safety checker unless `safety` is False;
+    `safety_checker` reuses one already loaded), building demo weights and exports first if missing."""
     from ember.pipeline.safety import load_safety_checker
     from ember.specs.artifacts import ensure_artifacts
 
     path = ensure_artifacts(settings, family="lcm", variant=variant, progress=False)
-    checker = load_safety_checker(settings) if safety else None
-    return LcmPipeline.from_artifacts(settings, read_artifacts(path), safety_checker=checker)
+    checker = (safety_checker or load_safety_checker(settings)) if safety else None
+    cls = LcmPipeline
+    if variant == "sdxl":  # SDXL: two text encoders and added conditions (its hooks)
+        from ember.pipeline.lcm_xl import LcmXLPipeline
+
+        cls = LcmXLPipeline
+    if "controlled_unet" in family_spec("lcm", variant).spec_versions:
+        # controlnet_inpaint (SD1.5): its networks load on its first request, so every other request's
+        # path stays as it was
+        return cls.from_artifacts(settings, read_artifacts(path), safety_checker=checker, controlnet_inpaint=True)
+    return cls.from_artifacts(settings, read_artifacts(path), safety_checker=checker)

@@ -5,7 +5,8 @@ that max_batch_size > 0 adds: scalars (1, 1), IMAGE (1, H, W, 3), MASK (1, H, W)
 IMAGES (1, N, H, W, 3), NSFW (1, N), PROGRESS (1, 2), TIMINGS (1, 1).
 
 Modes follow from what is present: IMAGE makes it image-to-image, IMAGE + MASK inpainting. Without
-WIDTH / HEIGHT an image request takes the image's size (fitted within 1024 px).
+WIDTH / HEIGHT an image request takes the image's size (fitted within 1024 px). LORA (the safetensors bytes)
+with LORA_SCALE fuses a LoRA for that request (ember.pipeline.lcm_lora).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ember.pipeline.lora_io import LoraFiles
+from ember.pipeline.loras import LoraFile
 from ember.pipeline.requests import Text2ImageRequest, Text2ImageResult
 
 INPUT_NAMES = (
@@ -33,7 +36,10 @@ INPUT_NAMES = (
     "MASK",
     "STRENGTH",
     "INPAINT_MASK_ONLY",
+    "CONTROLNET_INPAINT",
     "ENABLE_SAFETY_CHECKS",
+    "LORA",
+    "LORA_SCALE",
 )
 
 
@@ -72,7 +78,10 @@ def _text(value: Any, name: str) -> str:
 
 
 def parse_lcm_request(
-    arrays: Mapping[str, np.ndarray | None], defaults: LcmDefaults, is_cancelled: Callable[[], bool]
+    arrays: Mapping[str, np.ndarray | None],
+    defaults: LcmDefaults,
+    is_cancelled: Callable[[], bool],
+    lora_files: LoraFiles | None = None,
 ) -> Text2ImageRequest:
     """A Text2ImageRequest from the model's input arrays; ValueError names the bad input.
 
@@ -96,6 +105,7 @@ def parse_lcm_request(
         height = defaults.height if height is None else height
     else:  # an image request without a full size: the image's (the pipeline resolves it)
         width = height = None
+    loras = _lora(arrays, lora_files, float(get("LORA_SCALE", 1.0)))
     return Text2ImageRequest(
         prompt=_text(prompt, "PROMPT"),
         negative_prompt=_text(get("NEGATIVE_PROMPT", ""), "NEGATIVE_PROMPT"),
@@ -109,10 +119,30 @@ def parse_lcm_request(
         mask=mask,
         strength=float(get("STRENGTH", defaults.strength)),
         inpaint_mask_only=bool(get("INPAINT_MASK_ONLY", False)),
+        controlnet_inpaint=bool(get("CONTROLNET_INPAINT", False)),
         enable_safety_checks=bool(get("ENABLE_SAFETY_CHECKS", defaults.enable_safety_checks)),
         model=_text(get("MODEL", defaults.model), "MODEL"),
+        loras=loras,
         is_cancelled=is_cancelled,
     )
+
+
+def _lora(
+    arrays: Mapping[str, np.ndarray | None], lora_files: LoraFiles | None, scale: float
+) -> tuple[tuple[LoraFile, float], ...]:
+    """LORA (1, 1) safetensors bytes (fal's lora_url, fetched and checked by the gateway) -> ((file, scale),),
+    parsed once per distinct file by `lora_files`; () when absent."""
+    blob = _scalar(arrays, "LORA")
+    if blob is None:
+        return ()
+    if lora_files is None:
+        raise ValueError("LORA: this model was set up without LoRA support")
+    if not isinstance(blob, bytes) or not blob:
+        raise ValueError("LORA must be the bytes of a .safetensors file")
+    try:
+        return ((lora_files.get(blob), scale),)
+    except Exception as exc:  # safetensors raises its own error type for malformed files
+        raise ValueError(f"LORA is not a LoRA .safetensors file: {exc}") from exc
 
 
 def _pixels(arrays: Mapping[str, np.ndarray | None], name: str, ndim: int) -> np.ndarray | None:

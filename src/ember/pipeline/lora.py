@@ -1,7 +1,8 @@
 """fal-ai/lora text-to-image on any Stable Diffusion 1.5 base model, as diffusers' StableDiffusionPipeline
 (classifier-free guidance, any of fal's 11 schedulers, clip_skip, LoRAs fused by weight refit, tiled decode).
 
-Base models are named per request (HF id or a local directory) and loaded on first use; at most
+Base models are named per request (HF id, a local directory, or a single-file checkpoint the gateway
+fetched; ember.pipeline.base_models) and loaded on first use; at most
 `max_models` stay resident (least recently used leaves). Requests on the same model, LoRA set, size and
 step count run as one network batch, each with its own scheduler and generator.
 """
@@ -19,18 +20,22 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from ember.pipeline.debug_latents import DebugLatents, collect, recorder
 from ember.pipeline.decode import to_uint8
-from ember.pipeline.encode import tokenize
 from ember.pipeline.guidance import uses_cfg
 from ember.pipeline.guided_denoise import GuidedSlot, guided_denoise, step_kwargs
+from ember.pipeline.ic_light import IcLightInput, IcLightStage, check_ic_light
+from ember.pipeline.ip_adapter import IPAdapterRequest, IPAdapterStage
 from ember.pipeline.latents import initial_latents
+from ember.pipeline.lora_controlnets import ControlNetInput, ControlNets, check_controlnets
 from ember.pipeline.loras import LoraFile, LoraState
 from ember.pipeline.requests import StepCallback
 from ember.pipeline.schedulers import fal_scheduler_config, new_scheduler_with
+from ember.pipeline.text_conditioning import TextConditioner, by_sequence_length, extended_text_encoder
+from ember.pipeline.textual_inversion import Embedding
 from ember.pipeline.tiled_decode import tiled_decode
-from ember.runtime import Runner, torch_dtype
+from ember.runtime import Runner
 from ember.settings import Settings
-from ember.specs.lora import bind_loaders
 
 MIN_SIDE, MAX_SIDE = 64, 2048
 MAX_STEPS = 150
@@ -73,10 +78,21 @@ class LoraRequest:
     tile: tuple[int, int] = (4096, 4096)  # (height, width) pixels
     tile_stride: tuple[int, int] = (2048, 2048)
     loras: tuple[tuple[LoraFile, float], ...] = ()
-    # fal's prompt_weighting. Served so far for prompts without weighting syntax (the gateway refuses
-    # the syntax) that fit in one 77-token window, where compel's embeddings equal the plain ones.
+    # fal's prompt_weighting (compel's syntax, prompts over 75 tokens in windows) and embeddings
+    # (textual inversion): ember.pipeline.text_conditioning
     prompt_weighting: bool = False
+    embeddings: tuple[Embedding, ...] = ()
     enable_safety_checker: bool = False
+    # fal's debug_latents / debug_per_pass_latents (ember.pipeline.debug_latents)
+    debug_latents: bool = False
+    debug_per_pass_latents: bool = False
+    # fal's controlnets / controlnet_guess_mode (ember.pipeline.lora_controlnets)
+    controlnets: tuple[ControlNetInput, ...] = ()
+    controlnet_guess_mode: bool = False
+    # fal's ip_adapter + image_encoder_* (ember.pipeline.ip_adapter)
+    ip_adapter: IPAdapterRequest | None = None
+    # fal's ic_light_* (ember.pipeline.ic_light): the offset file, foreground and background images
+    ic_light: IcLightInput | None = None
     is_cancelled: Callable[[], bool] = field(default=_never, compare=False)
 
     @property
@@ -93,6 +109,7 @@ class LoraResult:
     # Why this request could not run (bad model_name, a schedule its scheduler does not take): the
     # caller answers it as invalid input; the other requests of the batch are unaffected.
     error: str | None = None
+    debug: DebugLatents | None = None  # the latents asked for by debug_latents / debug_per_pass_latents
 
 
 def check_request(request: LoraRequest) -> list[str]:
@@ -113,6 +130,8 @@ def check_request(request: LoraRequest) -> list[str]:
         problems.append("timesteps and sigmas cannot both be set")
     if request.tile_stride[0] > request.tile[0] or request.tile_stride[1] > request.tile[1]:
         problems.append("tile_stride_width/height must not exceed tile_width/height")
+    problems += check_controlnets(request.controlnets)
+    problems += check_ic_light(request)
     return problems
 
 
@@ -130,21 +149,20 @@ def is_sdxl(source: str) -> bool:
 class BaseModel:
     """One resident SD1.5 base model: its three runners, tokenizer, scheduler config and LoRA state."""
 
-    def __init__(self, settings: Settings, ref: ModelRef):
-        if is_sdxl(ref.source):
-            raise ValueError(
-                f"model_name {ref.source!r} is an SDXL model; this server serves SD1.5 base models only "
-                "for now (SDXL is a later issue)"
-            )
-        from ember.runtime.torch_runner import TorchRunner
+    def __init__(self, settings: Settings, ref: ModelRef, on_log: Callable[[str], None] | None = None):
+        from ember.pipeline import base_models
 
-        # Always the torch runtime for now: LoRA refit needs in-place weights, and the ONNX Runtime
-        # (initializer override) and TensorRT (refitter) paths are a later issue.
-        dtype = torch_dtype(settings.dtype)
-        text_spec, unet_spec, vae_spec = bind_loaders(ref.variant, ref.unet)
-        self.text_encoder: Runner = TorchRunner(text_spec, ref.source, None, settings.device, dtype)
-        self.unet: Runner = TorchRunner(unet_spec, ref.source, None, settings.device, dtype)
-        self.vae_decoder: Runner = TorchRunner(vae_spec, ref.source, None, settings.device, dtype)
+        # Single-file checkpoints become (cached) diffusers directories; SDXL / SD2 weights are refused.
+        # The runners run on the lora model's runtime (models.toml [lora.sdv1-5]): torch loads the
+        # directory, onnxruntime exports it once into the artifact cache. `on_log`: the request's status.
+        ref = base_models.prepare(settings, ref, on_log or base_models._nothing)
+        self.source = ref.source
+        self.text_encoder: Runner
+        self.unet: Runner
+        self.vae_decoder: Runner
+        self.text_encoder, self.unet, self.vae_decoder = base_models.runners(
+            settings, ref, on_log or base_models._nothing
+        )
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
             ref.source, subfolder="tokenizer"
         )
@@ -158,15 +176,38 @@ class BaseModel:
         self.latent_channels = int(unet_config["in_channels"])
         self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
         self.vae_scaling_factor = float(vae_config["scaling_factor"])
+        # Prompt embeddings: the plain text encoder, or for embeddings / prompt_weighting the extended one
+        # (built on first use, over the same weights on torch). LoRAs refit the text encoder through it.
+        self.text = TextConditioner(
+            self.text_encoder,
+            self.tokenizer,
+            root / "text_encoder",
+            lambda plain: extended_text_encoder(plain, settings, ref),
+        )
         self.loras = LoraState(
-            {"unet": self.unet, "text_encoder": self.text_encoder},
-            {"unet": self.unet.weights(), "text_encoder": self.text_encoder.weights()},
+            {"unet": self.unet, "text_encoder": self.text},
+            # read on the first LoRA (a runtime without weight access then refuses that request only)
+            {
+                "unet": base_models.LazyWeights(self.unet),
+                "text_encoder": base_models.LazyWeights(self.text_encoder),
+            },
         )
 
 
 def _batch_key(request: LoraRequest) -> Hashable:
     steps = len(request.timesteps or request.sigmas or ()) or request.num_inference_steps
-    return (request.model, request.lora_key, request.width, request.height, steps, request.scheduler)
+    ip_adapter = request.ip_adapter.key if request.ip_adapter else None
+    ic_light = request.ic_light.digest if request.ic_light else None  # one IC-Light UNet per batch
+    return (
+        request.model,
+        request.lora_key,
+        request.width,
+        request.height,
+        steps,
+        request.scheduler,
+        ip_adapter,
+        ic_light,
+    )
 
 
 class LoraText2ImagePipeline:
@@ -175,6 +216,9 @@ class LoraText2ImagePipeline:
         self.max_models = max_models or settings.lora_max_models
         self._models: OrderedDict[ModelRef, BaseModel] = OrderedDict()
         self._safety: Any = None  # the shared safety checker stage, loaded on the first request asking for it
+        self.controlnets = ControlNets(settings)  # loaded per request path on first use (LRU)
+        self.ip_adapters = IPAdapterStage(settings)  # image encoders and IP UNets, on first use
+        self.ic_light = IcLightStage(settings)  # VAE encoders and patched UNets, on first use
 
     def safety_checker(self) -> Any:
         if self._safety is None:
@@ -195,7 +239,7 @@ class LoraText2ImagePipeline:
         while len(self._models) >= self.max_models:
             evicted, _ = self._models.popitem(last=False)
             log(f"unloading base model {evicted.source} (EMBER_LORA_MAX_MODELS={self.max_models})")
-        model = self._models[ref] = BaseModel(self.settings, ref)
+        model = self._models[ref] = BaseModel(self.settings, ref, log)
         log(f"base model {ref.source} loaded in {time.perf_counter() - start:.1f}s")
         return model
 
@@ -222,17 +266,16 @@ class LoraText2ImagePipeline:
             except (OSError, ValueError) as exc:  # not a loadable SD1.5 model: those requests' error
                 results.update({i: LoraResult(None, [], {}, error=f"model_name: {exc}") for i in indices})
                 continue
-            results.update(self._run_batch(model, {i: requests[i] for i in indices}, on_step))
+            results.update(self._run_batch(model, {i: requests[i] for i in indices}, on_step, on_log))
         return [results[i] for i in range(len(requests))]
-
-    def _encode(self, model: BaseModel, prompts: list[str], clip_skip: int) -> torch.Tensor:
-        """(P, 77, D) for the given clip_skip: the text encoder returns all three skips at once."""
-        hidden = model.text_encoder.run({"input_ids": tokenize(model.tokenizer, prompts)})["hidden_states"]
-        return hidden[:, clip_skip]
 
     @torch.inference_mode()
     def _run_batch(
-        self, model: BaseModel, batch: dict[int, LoraRequest], on_step: StepCallback
+        self,
+        model: BaseModel,
+        batch: dict[int, LoraRequest],
+        on_step: StepCallback,
+        on_log: LogCallback | None = None,
     ) -> dict[int, LoraResult]:
         start = time.perf_counter()
         first = next(iter(batch.values()))
@@ -254,11 +297,34 @@ class LoraText2ImagePipeline:
                 slots.append(self._slot(model, index, r, h, w))
             except ValueError as exc:  # e.g. a timesteps/sigmas override the scheduler does not take
                 failed[index] = LoraResult(None, [], {}, error=str(exc))
+        # 5b-d. Per request, each attach stage adds its UNet inputs to the slots and names the requests it
+        #      cannot serve (those fail alone): ControlNet units (networks loaded on first use) with
+        #      control images and masks at the output size; IP-Adapter image embeds (and masks); IC-Light
+        #      concat_conds (foreground, background latents).
+        log = on_log or (lambda index, message: None)
+        size = (first.width, first.height)
+        attach_stages: list[Callable[[list[GuidedSlot]], dict[int, str]]] = [
+            lambda live: self.controlnets.attach(model, live, batch, *size, log),
+            lambda live: self.ip_adapters.attach(live, batch, *size),
+            lambda live: self.ic_light.attach(model, live, batch, *size),
+        ]
+        for attach in attach_stages:
+            refused = attach(slots)
+            failed.update({i: LoraResult(None, [], {}, error=message) for i, message in refused.items()})
+            slots = [s for s in slots if s.index not in refused]
         encoded = time.perf_counter()
 
-        # 6. Denoising loop
+        # 6. Denoising loop (on the residual-taking UNet when any request has ControlNets)
         if slots:
-            guided_denoise(model.unet, slots, on_step)
+            unet, controlled = self.controlnets.denoiser(model, slots)
+            try:  # the IP UNet when the batch has IP-Adapters (one set per batch: _batch_key)
+                unet = self.ip_adapters.denoiser(model.unet, unet, controlled, first.ip_adapter)
+            except ValueError as exc:
+                failed.update({s.index: LoraResult(None, [], {}, error=str(exc)) for s in slots})
+                slots = []
+            unet = self.ic_light.denoiser(model, unet, first.ic_light)  # patched UNet (one file per batch)
+        for same_length in by_sequence_length(slots):  # long weighted prompts: (2k, 77 * windows, D)
+            guided_denoise(unet, same_length, on_step, controlled)
         denoised = time.perf_counter()
 
         # 7. Decode (tiled per the request's tile settings), uint8 (k, H, W, 3)
@@ -278,7 +344,9 @@ class LoraText2ImagePipeline:
             pixels, nsfw = to_uint8(images), [False] * r.num_images
             if r.enable_safety_checker:  # flagged images come back black, as diffusers' pipelines do
                 pixels, nsfw = self.safety_checker()(pixels)
-            results[slot.index] = LoraResult(pixels, nsfw, {})
+            results[slot.index] = LoraResult(
+                pixels, nsfw, {}, debug=collect(slot, r.debug_latents, r.debug_per_pass_latents)
+            )
         decoded = time.perf_counter()
         timings = {
             "encode": encoded - start,
@@ -295,15 +363,7 @@ class LoraText2ImagePipeline:
         device = model.unet.device
         do_cfg = uses_cfg(r.guidance_scale)
         prompts = [r.negative_prompt, r.prompt] if do_cfg else [r.prompt]
-        if r.prompt_weighting:
-            window = model.tokenizer.model_max_length - 2  # 75 tokens between <|startoftext|> and the end
-            for text in prompts:
-                if len(model.tokenizer(text).input_ids) - 2 > window:
-                    raise ValueError(
-                        f"prompt_weighting: prompts longer than {window} tokens (chunked embeddings) are not "
-                        "supported yet; shorten the prompt or set prompt_weighting to false (truncates at 77)"
-                    )
-        emb = self._encode(model, prompts, r.clip_skip).to(device)
+        emb = model.text.encode(prompts, r.clip_skip, r.prompt_weighting, r.embeddings).to(device)
         k = r.num_images
         embeddings = emb.repeat_interleave(k, dim=0)  # [neg x k; pos x k] or [pos x k]
         config = fal_scheduler_config(
@@ -325,4 +385,5 @@ class LoraText2ImagePipeline:
             guidance_scale=r.guidance_scale,
             step_kwargs=step_kwargs(scheduler, generator, r.eta),
             is_cancelled=r.is_cancelled,
+            passes=recorder(r.debug_per_pass_latents),
         )

@@ -2,12 +2,20 @@
 
 Every input arrives with the batch dimension of 1 that max_batch_size > 0 adds: scalars are (1, 1).
 Structured fields travel as one JSON string, OPTIONS:
-    {"loras": [{"file": 0, "scale": 0.7}, ...], "timesteps": [999, 500] | null, "sigmas": [...] | null}
+    {"loras": [{"file": 0, "scale": 0.7}, ...], "timesteps": [999, 500] | null, "sigmas": [...] | null,
+     "controlnets": [{"path", "variant", "image": 0, "mask": 1 | null, "conditioning_scale",
+                      "start_percentage", "end_percentage"}, ...], "controlnet_guess_mode": false}
 where "file" indexes LORA_FILES, (1, n) TYPE_STRING safetensors blobs the gateway fetched and checked.
+Textual-inversion files travel in LORA_FILES too, after the LoRAs: OPTIONS "embeddings":
+[{"file": 2, "tokens": ["<s0>", "<s1>"]}, ...] (ember.pipeline.textual_inversion).
 Fetched images and other arrays travel in MEDIA, (1, m) TYPE_STRING .npy blobs, indexed from OPTIONS
 (`media_array`; the gateway side is ember.endpoints.common.media_tensor).
+OPTIONS "ip_adapter" (null without IP-Adapters) indexes MEDIA for adapter images, masks and URL weights:
+see ember.pipeline.ip_adapter.parse_ip_adapter_options.
 Outputs: IMAGES (1, N, H, W, 3) uint8, NSFW (1, N), PROGRESS (1, 2), TIMINGS (1, 1) JSON, and LOG (1, 1)
-on responses that carry a status line (model loading) instead of progress.
+on responses that carry a status line (model loading) instead of progress. With OPTIONS "debug_latents" /
+"debug_per_pass_latents" true, the final response also carries LATENTS (1, N, C, h, w), PASS_LATENTS
+(1, S, N, C, h, w) and PASS_TIMESTEPS (1, S), float32 (ember.pipeline.debug_latents).
 """
 
 from __future__ import annotations
@@ -21,8 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from ember.pipeline.debug_latents import OUTPUT_NAMES as DEBUG_OUTPUT_NAMES
+from ember.pipeline.debug_latents import debug_arrays
+from ember.pipeline.ic_light import parse_ic_light
+from ember.pipeline.ip_adapter import parse_ip_adapter_options
 from ember.pipeline.lora import LoraRequest, LoraResult, ModelRef
+from ember.pipeline.lora_controlnets import parse_controlnets
 from ember.pipeline.loras import LoraFile, parse_lora
+from ember.pipeline.textual_inversion import embeddings_from_options
 
 INPUT_NAMES = (
     "MODEL_NAME",
@@ -51,7 +65,7 @@ INPUT_NAMES = (
     "ENABLE_SAFETY_CHECKER",
     "MEDIA",
 )
-OUTPUT_NAMES = ("IMAGES", "NSFW", "PROGRESS", "TIMINGS", "LOG")
+OUTPUT_NAMES = ("IMAGES", "NSFW", "PROGRESS", "TIMINGS", "LOG", *DEBUG_OUTPUT_NAMES)
 DEFAULTS: dict[str, Any] = {
     "VARIANT": "",
     "UNET_NAME": "",
@@ -95,31 +109,43 @@ def _scalar(arrays: Mapping[str, np.ndarray | None], name: str) -> Any:
     return item
 
 
-def resolve_model(name: str, root: Path, marker: str = "model_index.json") -> str:
+def resolve_model(
+    name: str,
+    root: Path,
+    marker: str = "model_index.json",
+    field: str = "model_name",
+    single_file: bool = False,
+) -> str:
     """What from_pretrained may load for `model_name`: a directory under `root` (the only local paths
     allowed), or an HF id resolved through the HF cache (never a path relative to the server's cwd).
-    ValueError says why a name is refused."""
-    if name.startswith(("http://", "https://")):
+    `single_file`: a .safetensors checkpoint under `root` is accepted too (the gateway streams URLs into
+    <root>/checkpoints/; ember.pipeline.base_models converts them).
+    ValueError says why a name is refused, starting with `field` (the request field that named it)."""
+    if name.startswith(("http://", "https://", "data:")):
         raise ValueError(
-            "model_name: single-file checkpoint URLs are not supported yet; use an HF id or a "
-            "directory under the allowed model root"
+            f"{field}: URLs are fetched by the gateway, which sends the checkpoint's path under the model "
+            "root; Triton clients name an HF id, or a directory or .safetensors file under that root"
         )
     if name.startswith(("/", ".", "~")):
         path = Path(name).expanduser().resolve()
         allowed = root.resolve()
         if not path.is_relative_to(allowed):
             raise ValueError(
-                f"model_name: local models must be directories under {allowed} (EMBER_LORA_MODEL_ROOT)"
+                f"{field}: local models must be directories under {allowed} (EMBER_LORA_MODEL_ROOT)"
             )
+        if single_file and path.suffix == ".safetensors" and path.is_file():
+            return str(path)
         if not (path / marker).is_file():
-            raise ValueError(f"model_name: {name} is not a diffusers model directory (no {marker})")
+            raise ValueError(f"{field}: {name} is not a diffusers model directory (no {marker})")
         return str(path)
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(name, allow_patterns=["*.json", "*.txt", "*.safetensors"])
+        # Component folders only: many SD repos also hold multi-GB single-file checkpoints at the root.
+        patterns = ["*.json", "*.txt"] + (["*/*.safetensors"] if marker == "model_index.json" else ["*.safetensors"])
+        return snapshot_download(name, allow_patterns=patterns)
     except Exception as exc:
-        raise ValueError(f"model_name: cannot fetch {name!r} from the Hugging Face hub: {exc}") from exc
+        raise ValueError(f"{field}: cannot fetch {name!r} from the Hugging Face hub: {exc}") from exc
 
 
 class LoraFiles:
@@ -180,7 +206,7 @@ def parse_lora_request(
     timesteps, sigmas = options.get("timesteps"), options.get("sigmas")
     return LoraRequest(
         model=ModelRef(
-            resolve_model(get("MODEL_NAME"), model_root),
+            resolve_model(get("MODEL_NAME"), model_root, single_file=True),
             get("VARIANT") or None,
             resolve_model(get("UNET_NAME"), model_root, "config.json") if get("UNET_NAME") else None,
         ),
@@ -203,7 +229,16 @@ def parse_lora_request(
         tile_stride=(int(get("TILE_STRIDE_HEIGHT")), int(get("TILE_STRIDE_WIDTH"))),
         loras=tuple(loras),
         prompt_weighting=bool(get("PROMPT_WEIGHTING")),
+        embeddings=embeddings_from_options(options.get("embeddings") or [], blobs),
         enable_safety_checker=bool(get("ENABLE_SAFETY_CHECKER")),
+        controlnets=parse_controlnets(options, arrays, model_root),
+        controlnet_guess_mode=options.get("controlnet_guess_mode") is True,
+        ip_adapter=parse_ip_adapter_options(
+            options.get("ip_adapter"), lambda i, what: media_array(arrays, i, what), model_root
+        ),
+        ic_light=parse_ic_light(options.get("ic_light"), blobs, lambda i, what: media_array(arrays, i, what)),
+        debug_latents=options.get("debug_latents") is True,
+        debug_per_pass_latents=options.get("debug_per_pass_latents") is True,
         is_cancelled=is_cancelled,
     )
 
@@ -223,4 +258,5 @@ def result_arrays(result: LoraResult) -> dict[str, np.ndarray]:
         "IMAGES": np.ascontiguousarray(result.images.numpy()[None]),
         "NSFW": np.array([result.nsfw], dtype=np.bool_),
         "TIMINGS": np.array([[json.dumps(result.timings).encode()]], dtype=np.object_),
+        **debug_arrays(result.debug),
     }

@@ -103,6 +103,29 @@ class LoraState:
             self._base[component][name] = state[name].detach().clone()
         return self._base[component][name]
 
+    def problems(self, loras: Sequence[tuple[LoraFile, float]]) -> list[str]:
+        """Why `loras` cannot be fused here (a LoRA made for another model), checked before anything is
+        merged or refit: components these runners lack, weight names or shapes the base does not have.
+        Reads (and keeps) the pristine copy of each weight named, which the merge needs anyway."""
+        problems: list[str] = []
+        for lora, _ in loras:
+            for component, weights in lora.factors.items():
+                if component not in self.runners:
+                    problems.append(f"the LoRA changes the {component}, which this model cannot refit")
+                    continue
+                for name, (up, down, _) in weights.items():
+                    if name not in self._base_state[component]:
+                        problems.append(f"the LoRA changes {component}.{name}, which this base model does not have")
+                        break
+                    base = self._pristine(component, name)
+                    if up.shape[0] != base.shape[0] or up.shape[0] * down[0].numel() != base.numel():
+                        problems.append(
+                            f"the LoRA's {component}.{name} is {up.shape[0]} x {tuple(down.shape[1:])}, the base "
+                            f"weight {tuple(base.shape)} (a LoRA for another model size)"
+                        )
+                        break
+        return problems
+
     def _merge(self, loras: Sequence[tuple[LoraFile, float]]) -> dict[str, dict[str, torch.Tensor]]:
         merged: dict[str, dict[str, torch.Tensor]] = {}
         for lora, scale in loras:

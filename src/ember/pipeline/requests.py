@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from ember.pipeline.loras import LoraFile
 
 # on_step(request index in the batch given to the pipeline, step done (1-based), total steps)
 StepCallback = Callable[[int, int, int], None]
@@ -34,10 +38,20 @@ class Text2ImageRequest:
     strength: float = 0.8
     # Inpainting only: the output keeps the input image's pixels exactly wherever the mask is black.
     inpaint_mask_only: bool = False
+    # Inpainting only: steered by the inpaint ControlNet too (fal-ai/lcm; ember.pipeline.lcm_controlnet).
+    controlnet_inpaint: bool = False
     enable_safety_checks: bool = False
     model: str = "sdv1-5"
+    # fal-ai/lcm lora_url + lora_scale: (parsed LoRA file, fuse scale) pairs fused into the networks for this
+    # request (ember.pipeline.lcm_lora); requests batch together only with the same set (`lora_key`).
+    loras: tuple[tuple[LoraFile, float], ...] = field(default=(), compare=False, repr=False)
     # Polled once per denoising step; True drops the request from its batch.
     is_cancelled: Callable[[], bool] = field(default=_never, compare=False)
+
+    @property
+    def lora_key(self) -> tuple[tuple[str, float], ...]:
+        """The LoRA set by content: (file digest, scale) pairs; () without LoRA."""
+        return tuple((lora.digest, float(scale)) for lora, scale in self.loras)
 
     @property
     def mode(self) -> str:

@@ -54,15 +54,24 @@ def engine_options(settings: Settings, family: str, variant: str) -> Any:
     return EngineOptions(buckets=buckets, **table)
 
 
-def create_runner(settings: Settings, artifacts: Artifacts, spec: NetworkSpec) -> Runner:
-    """The runner of `spec` for its model's runtime, loaded from `artifacts` (see ember.specs.ensure_artifacts)."""
+def create_runner(
+    settings: Settings, artifacts: Artifacts, spec: NetworkSpec, refittable: bool = False
+) -> Runner:
+    """The runner of `spec` for its model's runtime, loaded from `artifacts` (see ember.specs.ensure_artifacts).
+
+    `refittable`: the caller will swap weights with `Runner.refit` (LoRA). ONNX Runtime then builds its
+    session with overridable weights (a small per-run cost, so only on request); torch always can, TensorRT
+    when its engines were built with `--refit lora`.
+    """
     key = artifacts.manifest["key"]
     runtime = settings.model_runtime(key["family"], key["variant"])
     if runtime == "onnxruntime":
         from ember.runtime.onnxruntime_runner import OnnxRuntimeRunner, provider_list
 
         providers = provider_list(settings)
-        return OnnxRuntimeRunner(spec, artifacts.onnx_path(spec.name), providers=providers)
+        return OnnxRuntimeRunner(
+            spec, artifacts.onnx_path(spec.name), providers=providers, refittable=refittable
+        )
     if runtime == "torch":
         from ember.runtime.torch_runner import TorchRunner
 

@@ -11,12 +11,13 @@ optimization profile per shape bucket (fal's image_size presets, optionally a dy
   leading b rows, so tensor addresses never change for a bucket;
 - one CUDA graph per (static bucket, batch), captured on the second call of that shape (the first call does
   TensorRT's lazy setup, which must not be captured): replaying it removes the per-layer launch overhead;
-- refit for LoRA with trt.Refitter (engines built with `--refit lora`), keyed by the source state-dict names.
+- refit for LoRA with trt.Refitter (engines built with `--refit lora`), keyed by the source state-dict names
+  and mapped to the ONNX initializer names the parser gave the weights by the same `<network>.refit.json`
+  that ONNX Runtime uses (ember.runtime.refit_map, written next to the ONNX the plan was built from).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,14 +25,13 @@ from typing import Any, ClassVar
 import torch
 
 from ember.runtime.base import RefitNotSupportedError, Runner
+from ember.runtime.refit_map import CurrentWeights, OnnxWeights, read_refit_map, stage_refit
 from ember.specs.base import NetworkSpec, ShapeBucket
 
 try:
     import tensorrt as trt
 except ImportError:  # CPU machines, CI: the runtime is simply unavailable
     trt = None
-
-REFIT_MAP = "refit_map.json"  # written next to the plans by the engine builder for --refit lora
 
 
 def tensorrt_available() -> bool:
@@ -298,23 +298,41 @@ class TensorRTRunner(Runner):
             cuda_graphs,
             refit_from=onnx,
         )
-        refit_map = engine_set.path / REFIT_MAP
-        self._refit_map: dict[str, Any] = (
-            json.loads(refit_map.read_text()).get(spec.name, {}) if refit_map.is_file() else {}
-        )
+        # The map of the exact ONNX this plan was parsed from (the fp32 export, or the strongly typed one,
+        # whose folded initializers have other generated names).
+        self._onnx = Path(engine_set.manifest["networks"][spec.name]["onnx"])
+        self._refit_map: dict[str, Any] = read_refit_map(self._onnx) or {}
         self._refittable = bool(engine_set.manifest["key"].get("refit") == "lora")
+        # The base weights, read from that ONNX on demand, and those refit away from it (initializer name
+        # -> array): together the weights the engine holds now.
+        self._table = OnnxWeights(self._onnx, self._refit_map)
+        self._current: dict[str, Any] = {}
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self._engine.run(feeds)
 
     def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
         """`weights` by the diffusers component's state-dict names (fused LoRA), mapped to ONNX names."""
+        self._check_refittable()
+        # Cast to each initializer's dtype (fp16 in a strongly typed export), transposed where folded.
+        self._engine.refit(stage_refit(self._table, self._current, weights, self.name))
+
+    def weights(self) -> Mapping[str, torch.Tensor]:
+        """The engine's current weights by state-dict name: the base a LoRA merges onto (LoraState)."""
+        self._check_refittable()
+        return CurrentWeights(self._table, self._current)
+
+    def _check_refittable(self) -> None:
         if not self._refittable:
             raise RefitNotSupportedError(
                 f"the engines of {self.name!r} were built without refit: rebuild with "
                 "`python -m export engines --refit lora` to apply LoRA on TensorRT"
             )
-        self._engine.refit(map_refit_weights(self._refit_map, weights, self.name))
+        if not self._refit_map:
+            raise RefitNotSupportedError(
+                f"{self._onnx} has no refit map ({self._onnx.with_suffix('.refit.json').name}): re-export "
+                "with `python -m export onnx` and rebuild the engines"
+            )
 
 
 def map_refit_weights(

@@ -110,6 +110,11 @@ class TorchRunner(Runner):
         if warmup is not None or self.device.type == "cuda":
             self.warm_up(DEFAULT_WARMUP if warmup is None else warmup)
 
+    @property
+    def module(self) -> nn.Module:
+        """The spec's wrapper module this runner runs (e.g. to wrap the same weights for another spec)."""
+        return self._module
+
     def _build_forward(self, compile_mode: str) -> Callable[..., tuple[torch.Tensor, ...]]:
         def eager(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
             out = self._module(*args)

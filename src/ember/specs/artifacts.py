@@ -6,6 +6,7 @@ Layout of one artifact directory, `<export_dir>/<family>-<variant>/<key>/`:
     tokenizer/            copied from the source (CLIPTokenizer.save_pretrained)
     scheduler/            scheduler_config.json copied from the source
     <network>.onnx        one per spec (absent with the torch runtime, which loads the source directly)
+    <network>.refit.json  state-dict name -> ONNX initializer (ember.runtime.refit_map): LoRA refit by name
 
 The manifest is written last (atomically), so its presence means the directory is complete. A second call
 only stats files and reads the manifest.
@@ -21,7 +22,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ from ember.settings import Settings
 MANIFEST = "manifest.json"
 PRECISION = "fp32"  # ONNX exports are fp32; engines choose their own precision when built from them
 OPSET = 17  # ONNX opset of every export
+# Layout of `<network>.refit.json` (ember.runtime.refit_map), written with each export; part of the key, so
+# artifact directories from before (or of an older layout) are rebuilt rather than served without a map.
+REFIT_MAP_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class ModelFamily:
     # What else travels with the exports: the CLIP tokenizer (text models), an image processor config from
     # this subfolder ("" = the source's root; e.g. the safety checker's CLIPImageProcessor).
     tokenizer: bool = True
+    # More tokenizer subfolders copied beside it (SDXL's second CLIP tokenizer: "tokenizer_2").
+    extra_tokenizers: tuple[str, ...] = ()
     feature_extractor: str | None = None
     # The file whose presence says the demo stand-in is built (a pipeline's model_index.json by default).
     demo_marker: str = "model_index.json"
@@ -81,12 +87,23 @@ FAMILIES: dict[tuple[str, str], ModelFamily] = {
         build_demo="ember.specs.demo_pixart_sigma:build_tiny_pixart_sigma",
         demo_version=1,
     ),
+    # controlled_unet: the same UNet taking ControlNet residuals, for controlnet_inpaint (loaded on first use).
     ("lcm", "sdv1-5"): ModelFamily(
-        networks="ember.specs.sd15:SD15_LCM_NETWORKS",
-        spec_versions={"text_encoder": 1, "unet": 1, "vae_decoder": 1, "vae_encoder": 1},
+        networks="ember.specs.controlnet:SD15_LCM_CONTROLLABLE_NETWORKS",
+        spec_versions={"text_encoder": 1, "unet": 1, "vae_decoder": 1, "vae_encoder": 1, "controlled_unet": 1},
         scheduler_class="LCMScheduler",
         build_demo="ember.specs.demo_models:build_tiny_lcm_sd15",
+        demo_version=2,  # 2: layers_per_block 2, SD1.5's layout (ControlNet residuals)
+    ),
+    # SDXL with the LCM-distilled UNet (fal-ai/lcm model="sdxl"): two CLIP text encoders + tokenizers; the
+    # LCM scheduler is built from the base's (Euler) scheduler config, as lcm-sdxl's model card does.
+    ("lcm", "sdxl"): ModelFamily(
+        networks="ember.specs.sdxl:SDXL_LCM_NETWORKS",
+        spec_versions={"text_encoder": 1, "text_encoder_2": 1, "unet": 1, "vae_decoder": 1, "vae_encoder": 1},
+        scheduler_class="LCMScheduler",
+        build_demo="ember.specs.demo_sdxl:build_tiny_lcm_sdxl",
         demo_version=1,
+        extra_tokenizers=("tokenizer_2",),
     ),
     # Stable Cascade / Würstchen v3 (fal-ai/stable-cascade/sote-diffusion): text encoder, prior (stage C),
     # decoder (stage B), VQGAN (stage A); both stages share the text encoder and DDPMWuerstchenScheduler.
@@ -114,6 +131,25 @@ FAMILIES: dict[tuple[str, str], ModelFamily] = {
         demo_version=1,
         tokenizer=False,
         demo_marker="config.json",
+    ),
+    # fal-ai/lcm's controlnet_inpaint: lllyasviel/control_v11p_sd15_inpaint (config.json at the root).
+    ("controlnet", "inpaint-sd15"): ModelFamily(
+        networks="ember.specs.controlnet:CONTROLNET_NETWORKS",
+        spec_versions={"controlnet": 1},
+        scheduler_class=None,
+        build_demo="ember.specs.demo_controlnet:build_tiny_inpaint_controlnet",
+        demo_version=1,
+        tokenizer=False,
+        demo_marker="config.json",
+    ),
+    # fal-ai/lora base models (named per request; ember.pipeline.base_models exports each on first use
+    # with its variant / custom UNet bound). The scheduler config is read from each model's own source.
+    ("lora", "sdv1-5"): ModelFamily(
+        networks="ember.specs.lora:SD15_LORA_NETWORKS",
+        spec_versions={"text_encoder": 1, "unet": 1, "vae_decoder": 1},
+        scheduler_class=None,
+        build_demo="ember.specs.demo_lora:build_tiny_sd15",
+        demo_version=1,
     ),
     # The Stable Diffusion safety checker, shared by every endpoint (ember.pipeline.safety).
     ("safety_checker", "sd"): ModelFamily(
@@ -217,7 +253,16 @@ def cache_key(settings: Settings, family: str, variant: str) -> dict[str, Any]:
         "torch": _installed("torch"),
         "onnx": _installed("onnx"),
         "specs": dict(spec.spec_versions),
+        "refit_map": REFIT_MAP_VERSION,
+        **_components_key(settings, family, variant),
     }
+
+
+def _components_key(settings: Settings, family: str, variant: str) -> dict[str, Any]:
+    """Components from other repositories (ember.specs.composite) are part of a real model's key; absent
+    otherwise, so the keys of single-source models stay as they were."""
+    components = settings.model_entry(family, variant).get("components")
+    return {"components": dict(components)} if components and settings.weights == "real" else {}
 
 
 def _key_hash(key: dict[str, Any]) -> str:
@@ -267,6 +312,13 @@ def ensure_artifacts(
     if settings.weights == "demo" and not (Path(source) / spec.demo_marker).is_file():
         _note(progress, f"building the tiny demo model {family}/{variant} into {source}")
         spec.build_demo_model(Path(source))
+    entry = settings.model_entry(family, variant)
+    if settings.weights == "real" and entry.get("components"):
+        from ember.specs.composite import assemble, is_assembled
+
+        if not is_assembled(Path(source), entry):
+            _note(progress, f"assembling {family}/{variant} from {entry['source']} + {entry['components']}")
+            assemble(Path(source), entry)
 
     key = cache_key(settings, family, variant)
     path = settings.export_dir / f"{family}-{variant}" / _key_hash(key)
@@ -294,12 +346,23 @@ def _read_config(source: str, subfolder: str, revision: str | None) -> dict[str,
     return dict(json.loads(config.read_text(encoding="utf-8")))
 
 
-def _build(path: Path, key: dict[str, Any], spec: ModelFamily, needs_onnx: bool, progress: bool) -> None:
+def _build(
+    path: Path,
+    key: dict[str, Any],
+    spec: ModelFamily,
+    needs_onnx: bool,
+    progress: bool,
+    networks: tuple[Any, ...] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> None:
+    """`networks`: the family's specs with `load` bound otherwise (fal-ai/lora: a request's variant and
+    custom UNet); `log`: progress lines for a caller that shows them elsewhere (a request's status logs)."""
     import diffusers
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
+    from ember.runtime.refit_map import write_refit_map
     from ember.specs.onnx_export import export_onnx
 
     source, revision = key["source"], key["revision"]
@@ -315,6 +378,8 @@ def _build(path: Path, key: dict[str, Any], spec: ModelFamily, needs_onnx: bool,
         AutoTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision).save_pretrained(
             path / "tokenizer"
         )
+    for name in spec.extra_tokenizers:
+        AutoTokenizer.from_pretrained(source, subfolder=name, revision=revision).save_pretrained(path / name)
     if spec.scheduler_class is not None:
         scheduler_class = getattr(diffusers, spec.scheduler_class)
         scheduler_class.from_pretrained(source, subfolder="scheduler", revision=revision).save_pretrained(
@@ -328,7 +393,7 @@ def _build(path: Path, key: dict[str, Any], spec: ModelFamily, needs_onnx: bool,
         ).save_pretrained(path / "feature_extractor")
 
     # 2. The component configs (read, not loaded): the pipeline and the engine profiles size tensors from them.
-    networks = spec.load_networks()
+    networks = networks or spec.load_networks()
     for net in networks:
         manifest["components"][net.subfolder] = _read_config(source, net.subfolder, revision)
 
@@ -338,19 +403,27 @@ def _build(path: Path, key: dict[str, Any], spec: ModelFamily, needs_onnx: bool,
     bar = tqdm(todo, desc=f"export {key['family']}/{key['variant']}", disable=not progress, unit="net")
     for net in bar:
         bar.set_postfix_str(net.name)
+        if log is not None:
+            log(f"exporting {net.name} to ONNX ({todo.index(net) + 1}/{len(todo)})")
         module = net.load(source, revision, torch.float32)
         report = export_onnx(net, module, manifest["components"][net.subfolder], path / f"{net.name}.onnx")
+        # The refit map needs the module just exported (content matching); serving then never loads it.
+        refit_path, unmatched = write_refit_map(report.path, module)
         manifest["networks"][net.name] = {
             "file": report.path.name,
             "inputs": {t.name: {"dtype": str(t.dtype), "axes": list(t.axes)} for t in net.inputs},
             "outputs": {t.name: {"dtype": str(t.dtype), "axes": list(t.axes)} for t in net.outputs},
             "verified_max_abs_diff": report.max_abs_diff,
             "verified_shape": list(report.verify_shape),
+            "refit_map": refit_path.name,
+            "refit_unmatched": len(unmatched),
         }
         if progress:
             bar.write(
                 f"[ember] {net.name}.onnx verified: max |onnxruntime - torch| = {report.max_abs_diff:.2e}"
             )
+        if log is not None:
+            log(f"{net.name}.onnx verified: max |onnxruntime - torch| = {report.max_abs_diff:.2e}")
         del module
     bar.close()
 

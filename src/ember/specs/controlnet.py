@@ -12,6 +12,9 @@ step without control feed zeros: x + 0 is x exactly, so that is the plain UNet's
 SD1.5's UNet has 4 down blocks of 2 layers: conv_in + 4 x 2 resnets + 3 downsamplers = 12 down residuals
 (channels c0 x4, c1 x3, c2 x3, c3 x2 at latent / 1, 2, 4, 8) and one mid residual (c3, latent / 8). The
 spec fixes that count; models of another layout are refused with a message (residual_layout).
+
+fal-ai/lcm's controlnet_inpaint runs the LCM UNet the same way, with its guidance embedding as one more
+input (CONTROLLED_LCM_UNET: sample, timestep, encoder_hidden_states, timestep_cond, residuals).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import nn
 from ember.specs.base import NetworkSpec, TensorSpec
 from ember.specs.sd15 import (
     LATENT_SCALE,
+    SD15_LCM_NETWORKS,
     TEXT_ENCODER,
     TEXT_LENGTH,
     VAE_DECODER,
@@ -128,6 +132,38 @@ class ControlledUNet(nn.Module):
         )[0]
 
 
+class ControlledLcmUNet(nn.Module):
+    """The LCM UNet with ControlNet residuals added to its skip connections; inputs in CONTROLLED_LCM_UNET
+    order: sample, timestep, encoder_hidden_states, timestep_cond, 12 down residuals, mid residual.
+
+    timestep_cond is the guidance embedding (B, time_cond_proj_dim), as diffusers'
+    StableDiffusionControlNetPipeline passes it to an LCM UNet; the ControlNet itself takes none (SD1.5
+    ControlNets have no time_cond_proj_dim)."""
+
+    def __init__(self, unet: UNet2DConditionModel):
+        super().__init__()
+        self.unet = unet
+        self.config = dict(unet.config)
+
+    def forward(
+        self,
+        sample: torch.Tensor,  # (B, 4, h, w)
+        timestep: torch.Tensor,  # (B,)
+        encoder_hidden_states: torch.Tensor,  # (B, 77, D)
+        timestep_cond: torch.Tensor,  # (B, time_cond_proj_dim)
+        *residuals: torch.Tensor,  # RESIDUALS' shapes
+    ) -> torch.Tensor:
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            timestep_cond=timestep_cond,
+            down_block_additional_residuals=residuals[:-1],
+            mid_block_additional_residual=residuals[-1],
+            return_dict=False,
+        )[0]
+
+
 def _load_controlnet(source: str, revision: str | None, dtype: torch.dtype) -> nn.Module:
     """A ControlNet repository or directory with config.json at its root (e.g. the QR-code monster)."""
     controlnet = ControlNetModel.from_pretrained(source, revision=revision, dtype=dtype)
@@ -141,6 +177,20 @@ def _load_controlled_unet(source: str, revision: str | None, dtype: torch.dtype)
         raise ValueError(f"{source}'s UNet is LCM-distilled (time_cond_proj_dim set): use a plain SD1.5 base")
     residual_layout(unet.config)
     return ControlledUNet(unet.eval())
+
+
+def _load_controlled_lcm_unet(source: str, revision: str | None, dtype: torch.dtype) -> nn.Module:
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision, dtype=dtype)
+    if unet.config.time_cond_proj_dim is None:
+        raise ValueError(f"{source} has no LCM UNet: unet/config.json sets no time_cond_proj_dim")
+    try:
+        residual_layout(unet.config)
+    except ValueError as exc:  # the one way a served LCM SD1.5 gets here: a demo from before demo_version 2
+        raise ValueError(
+            f"{source}: {exc}. A tiny-lcm-sd15 demo built before it had 2 layers per block: rebuild it with "
+            "`python -m export.demo_models --force`"
+        ) from exc
+    return ControlledLcmUNet(unet.eval())
 
 
 def _grid_dims(batch: int, height: int, width: int) -> dict[str, int]:
@@ -163,6 +213,10 @@ def _dims(config: Mapping[str, Any]) -> dict[str, int]:
     for name, (channels, _) in zip(RESIDUAL_NAMES, residual_layout(config), strict=True):
         dims[f"{name}_channels"] = channels
     return dims
+
+
+def _lcm_dims(config: Mapping[str, Any]) -> dict[str, int]:
+    return {**_dims(config), "time_cond": config["time_cond_proj_dim"]}
 
 
 def _controlnet_sample(spec: TensorSpec, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -209,7 +263,23 @@ CONTROLLED_UNET = NetworkSpec(
     sample=_controlnet_sample,
 )
 
+CONTROLLED_LCM_UNET = NetworkSpec(
+    name="controlled_unet",
+    subfolder="unet",
+    version=1,
+    inputs=(*_UNET_INPUTS, TensorSpec("timestep_cond", F32, ("batch", "time_cond")), *RESIDUALS),
+    outputs=(TensorSpec("noise_pred", F32, _LATENT),),
+    load=_load_controlled_lcm_unet,
+    static_dims=_lcm_dims,
+    image_dims=_grid_dims,
+    sample=_controlnet_sample,
+)
+
 # An SD1.5 base whose UNet takes ControlNet residuals (fal-ai/illusion-diffusion), in the order they run;
 # the ControlNet itself is its own family (its own repository): CONTROLNET_NETWORKS.
 SD15_CONTROLLED_NETWORKS = (TEXT_ENCODER, CONTROLLED_UNET, VAE_DECODER)
 CONTROLNET_NETWORKS = (CONTROLNET,)
+# fal-ai/lcm SD1.5: the LCM networks, plus the same UNet taking ControlNet residuals for controlnet_inpaint
+# (a second export of the one UNet, so requests without it keep the plain UNet; its runner is created on
+# first use, ember.pipeline.lcm_controlnet). The inpaint ControlNet is a family of its own.
+SD15_LCM_CONTROLLABLE_NETWORKS = (*SD15_LCM_NETWORKS, CONTROLLED_LCM_UNET)

@@ -1,6 +1,8 @@
 """Tiny random-weight stand-ins for fal-ai/illusion-diffusion: a plain SD1.5 base whose UNet has SD1.5's
 real layout (4 down blocks x 2 layers, so the 12 + 1 ControlNet residuals of ember.specs.controlnet), and a
 ControlNetModel that fits it (monster-labs/control_v1p_sd15_qrcode_monster's classes and block types).
+For fal-ai/lcm's controlnet_inpaint: an inpaint ControlNet (lllyasviel/control_v11p_sd15_inpaint's
+classes) that fits the tiny LCM UNet of ember.specs.demo_models.
 
 ControlNet training starts from zero convolutions; a random demo keeps them zero would make every residual
 zero and every ControlNet test vacuous, so here they get small random weights.
@@ -20,9 +22,11 @@ from transformers import CLIPTokenizer
 
 from ember.specs.clip_bpe import write_clip_tokenizer
 from ember.specs.demo_models import TEXT_HIDDEN, _text_encoder, _vae
+from ember.specs.demo_models import _unet as _lcm_unet
 
 SEED = 0
 CONTROLNET_SEED = 1
+INPAINT_CONTROLNET_SEED = 2
 
 # scheduler/scheduler_config.json of stable-diffusion-v1-5/stable-diffusion-v1-5 (PNDM; fal's schedulers
 # are built from its betas with from_config).
@@ -64,6 +68,11 @@ def _controlnet() -> ControlNetModel:
         conditioning_embedding_out_channels=(8, 16, 16, 32),  # real: (16, 32, 96, 256)
         **_BLOCKS,
     )
+    return _unzero(controlnet)
+
+
+def _unzero(controlnet: ControlNetModel) -> ControlNetModel:
+    """Small random weights in the zero convolutions (see the module docstring)."""
     zero_convs = [
         *controlnet.controlnet_down_blocks,
         controlnet.controlnet_mid_block,
@@ -74,6 +83,18 @@ def _controlnet() -> ControlNetModel:
             torch.nn.init.normal_(conv.weight, std=0.05)
             torch.nn.init.normal_(conv.bias, std=0.05)
     return controlnet
+
+
+def _inpaint_controlnet() -> ControlNetModel:
+    """lllyasviel/control_v11p_sd15_inpaint's shape for the tiny LCM UNet (ember.specs.demo_models): the
+    UNet's encoder layout (diffusers' ControlNetModel.from_unet, which leaves out the LCM guidance
+    embedding, as the real inpaint ControlNet has none; random weights rather than the UNet's, whose
+    time embedding carries that guidance projection); 3 conditioning channels: the image, masked pixels -1."""
+    return _unzero(
+        ControlNetModel.from_unet(
+            _lcm_unet(), conditioning_embedding_out_channels=(8, 16, 16, 32), load_weights_from_unet=False
+        )
+    )
 
 
 def _build_atomically(directory: Path, write: Callable[[Path], None]) -> Path:
@@ -111,11 +132,22 @@ def build_tiny_sd15_base(directory: Path) -> Path:
     return _build_atomically(directory, write)
 
 
-def build_tiny_controlnet(directory: Path) -> Path:
-    """A ControlNetModel fitting build_tiny_sd15_base, config.json at the root of `directory`."""
+def build_tiny_controlnet(directory: Path, seed: int = CONTROLNET_SEED, variant: str | None = None) -> Path:
+    """A ControlNetModel fitting build_tiny_sd15_base, config.json at the root of `directory`; `seed` picks
+    other random weights, `variant` saves them as diffusion_pytorch_model.<variant>.safetensors."""
 
     def write(staging: Path) -> None:
-        torch.manual_seed(CONTROLNET_SEED)
-        _controlnet().save_pretrained(staging / "model", safe_serialization=True)
+        torch.manual_seed(seed)
+        _controlnet().save_pretrained(staging / "model", safe_serialization=True, variant=variant)
+
+    return _build_atomically(directory, write)
+
+
+def build_tiny_inpaint_controlnet(directory: Path) -> Path:
+    """An inpaint ControlNetModel fitting the tiny LCM SD1.5 (build_tiny_lcm_sd15), config.json at the root."""
+
+    def write(staging: Path) -> None:
+        torch.manual_seed(INPAINT_CONTROLNET_SEED)
+        _inpaint_controlnet().save_pretrained(staging / "model", safe_serialization=True)
 
     return _build_atomically(directory, write)

@@ -76,7 +76,9 @@ def _unet() -> UNet2DConditionModel:
         ),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(32, 32, 64, 64),  # real: (320, 640, 1280, 1280)
-        layers_per_block=1,  # real: 2
+        # As real: 2 resnets per block give SD1.5's 12 + 1 skip connections, the residuals an SD1.5
+        # ControlNet adds (controlnet_inpaint, ember.specs.controlnet.CONTROLLED_LCM_UNET).
+        layers_per_block=2,
         attention_head_dim=2,  # diffusers' name for the head count in SD1.5 configs; real: 8
         norm_num_groups=8,  # real: 32
         cross_attention_dim=TEXT_HIDDEN,

@@ -137,7 +137,16 @@ def bind_loaders(variant: str | None, unet_source: str | None) -> tuple[NetworkS
         return _load_unet(source, revision, dtype, variant, unet_source)
 
     def vae(source: str, revision: str | None, dtype: torch.dtype) -> nn.Module:
-        return _load_vae_decoder(source, revision, dtype)
+        if variant is None:
+            return _load_vae_decoder(source, revision, dtype)
+        from diffusers import AutoencoderKL
+
+        from ember.specs.sd15 import VaeDecoder
+
+        vae = AutoencoderKL.from_pretrained(
+            source, subfolder="vae", revision=revision, dtype=dtype, variant=variant
+        )
+        return VaeDecoder(vae.eval())
 
     return (
         dataclasses.replace(TEXT_ENCODER, load=text),

@@ -7,6 +7,8 @@ server's (the size of text-to-image when `image_size` is absent: 512x512).
 from __future__ import annotations
 
 import json
+import math
+from typing import Any
 
 import numpy as np
 
@@ -19,14 +21,13 @@ from ember.endpoints.base import (
     bytes_tensor,
     scalar_tensor,
 )
-from ember.endpoints.common import InputError, resolve_image_size
+from ember.endpoints.common import InputError, check_url, resolve_image_size
 from ember.endpoints.lcm.schema import LcmInput, LcmOutput
 
 DEFAULT_SIZE = (512, 512)
 
 # What this server does not serve yet. Refused by name, never silently ignored:
-# model="sdxl" (the SDXL LCM pipeline is not built yet), lora_url (wired by the LoRA work),
-# controlnet_inpaint (waits for the shared ControlNet stage, ember.pipeline.controlnet).
+# lora_url with model="sdxl" (model="sdxl" itself is served: ember.pipeline.lcm_xl).
 _NOT_YET = "is not supported yet by this server"
 
 
@@ -38,27 +39,41 @@ class LcmEndpoint(Endpoint[LcmInput]):
     image_format = "jpeg"
 
     def check(self, inp: LcmInput) -> None:
-        if inp.model != "sdv1-5":
-            raise InputError(
-                ("body", "model"), f"model={inp.model!r} {_NOT_YET} (sdv1-5 only for now)", "not_supported"
-            )
         if inp.lora_url is not None:
-            raise InputError(("body", "lora_url"), f"lora_url {_NOT_YET}", "not_supported")
+            check_url(inp.lora_url, ("body", "lora_url"))
+            if inp.model != "sdv1-5":
+                raise InputError(
+                    ("body", "lora_url"), f"lora_url with model={inp.model!r} {_NOT_YET}", "not_supported"
+                )
+            if inp.controlnet_inpaint and inp.mask_url is not None:
+                raise InputError(
+                    ("body", "lora_url"),
+                    f"lora_url together with controlnet_inpaint {_NOT_YET}",
+                    "not_supported",
+                )
+        if not math.isfinite(inp.lora_scale):
+            raise InputError(("body", "lora_scale"), "lora_scale must be a finite number")
         if inp.mask_url is not None and inp.image_url is None:
             raise InputError(
                 ("body", "mask_url"),
                 "mask_url needs image_url: the mask marks the area of that image to fill",
                 "value_error",
             )
-        if inp.controlnet_inpaint and inp.mask_url is not None:
+        if inp.controlnet_inpaint and inp.mask_url is not None and inp.model != "sdv1-5":
             raise InputError(
-                ("body", "controlnet_inpaint"), f"controlnet_inpaint {_NOT_YET}", "not_supported"
+                ("body", "controlnet_inpaint"),
+                f"controlnet_inpaint is served for model='sdv1-5' only, not {inp.model!r}: its ControlNet "
+                "(lllyasviel/control_v11p_sd15_inpaint) is an SD1.5 network",
+                "not_supported",
             )
         resolve_image_size(inp.image_size, DEFAULT_SIZE)
 
     async def load(self, inp: LcmInput, media: MediaLoader) -> Loaded:
-        """image_url -> "image" (H, W, 3) uint8; mask_url -> "mask" (H, W) uint8, which must match it."""
-        loaded: dict[str, np.ndarray] = {}
+        """image_url -> "image" (H, W, 3) uint8; mask_url -> "mask" (H, W) uint8, which must match it;
+        lora_url -> "lora", the bytes of a checked .safetensors file (pickles refused)."""
+        loaded: dict[str, Any] = {}
+        if inp.lora_url is not None:
+            loaded["lora"] = (await media.weights(inp.lora_url, ("body", "lora_url"))).data
         if inp.image_url is not None:
             loaded["image"] = await media.image(inp.image_url, ("body", "image_url"))
         if inp.mask_url is not None:
@@ -109,6 +124,10 @@ class LcmEndpoint(Endpoint[LcmInput]):
         if "mask" in loaded:
             tensors["MASK"] = np.ascontiguousarray(loaded["mask"][None])  # (1, H, W) uint8
             tensors["INPAINT_MASK_ONLY"] = scalar_tensor(inp.inpaint_mask_only, np.bool_)
+            tensors["CONTROLNET_INPAINT"] = scalar_tensor(inp.controlnet_inpaint, np.bool_)
+        if "lora" in loaded:
+            tensors["LORA"] = np.array([[loaded["lora"]]], dtype=np.object_)  # (1, 1) safetensors bytes
+            tensors["LORA_SCALE"] = scalar_tensor(inp.lora_scale, np.float32)
         return tensors
 
     async def to_output(

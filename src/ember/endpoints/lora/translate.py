@@ -23,13 +23,17 @@ from ember.endpoints.base import (
     bytes_tensor,
     scalar_tensor,
 )
-from ember.endpoints.common import InputError, check_url, resolve_image_size
+from ember.endpoints.common import InputError, check_url, media_tensor, resolve_image_size
+from ember.endpoints.lora.controlnets import check_controlnets, load_controlnets
+from ember.endpoints.lora.debug_latents import check_debug_latents, debug_options, store_debug_latents
+from ember.endpoints.lora.embeddings import check_embeddings, embedding_options, load_embeddings
+from ember.endpoints.lora.ic_light import check_ic_light, ic_light_option, load_ic_light
+from ember.endpoints.lora.ip_adapter import check_ip_adapter, load_ip_adapter
 from ember.endpoints.lora.schema import LoraInput, LoraOutput
+from ember.specs.checkpoint_keys import refusal
 
 DEFAULT_SIZE = (1024, 1024)  # square_hd
 _NOT_YET = "is not supported yet by this server"
-# Characters that carry meaning in compel's prompt-weighting syntax.
-_WEIGHTING_SYNTAX = re.compile(r"[()\[\]+]|\w-(?=\s|,|$)|\.(and|blend|swap)\(")
 # An HF repo id: "owner/name" (letters, digits, - _ .), nothing path-like.
 _HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -40,22 +44,41 @@ def _model_root() -> Path:
     return get_settings().lora_models_dir.resolve()
 
 
-def check_model_name(value: str, loc: tuple[str, ...], root: Path) -> None:
+def check_model_name(value: str, loc: tuple[str, ...], root: Path, single_file: bool = False) -> None:
     """model_name / unet_name: an HF id, or a local directory under the allowed root (EMBER_LORA_MODEL_ROOT)
-    and nowhere else. URLs to single-file checkpoints are not served yet."""
+    and nowhere else. `single_file` (model_name): also an http(s)/data: URL of a single-file .safetensors
+    checkpoint (fetched by Endpoint.load) or such a file under the root; SDXL directories are refused."""
     if value.startswith(("http://", "https://", "data:")):
-        raise InputError(
-            loc, f"single-file checkpoint URLs {_NOT_YET}; use a Hugging Face id", "not_supported"
-        )
+        if not single_file:
+            raise InputError(
+                loc, f"single-file checkpoint URLs {_NOT_YET} here; use a Hugging Face id", "not_supported"
+            )
+        check_url(value, loc)
+        return
     if value.startswith(("/", "~", ".")) or "\\" in value:
         path = Path(value).expanduser().resolve()
         if not path.is_relative_to(root):
             raise InputError(loc, f"local models must be directories under {root}", "path_not_allowed")
+        if single_file and path.suffix == ".safetensors" and path.is_file():
+            return
         if not path.is_dir():
             raise InputError(loc, f"{value} is not a model directory under {root}", "path_not_found")
+        if single_file:
+            _refuse_sdxl_directory(path, value, loc)
         return
     if not _HF_ID.match(value) or ".." in value:
         raise InputError(loc, "must be a Hugging Face id (owner/name) or a directory under the model root")
+
+
+def _refuse_sdxl_directory(path: Path, value: str, loc: tuple[str, ...]) -> None:
+    """SDXL told apart by its own model_index.json (a second text encoder); the Triton side checks again."""
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not a pipeline directory: the Triton side says what is wrong with it
+    message = refusal("sdxl", value) if "text_encoder_2" in index else None
+    if message is not None:
+        raise InputError(loc, message, "not_supported")
 
 
 class LoraEndpoint(Endpoint[LoraInput]):
@@ -66,7 +89,7 @@ class LoraEndpoint(Endpoint[LoraInput]):
 
     def check(self, inp: LoraInput) -> None:
         root = _model_root()
-        check_model_name(inp.model_name, ("body", "model_name"), root)
+        check_model_name(inp.model_name, ("body", "model_name"), root, single_file=True)
         if inp.unet_name is not None:
             check_model_name(inp.unet_name, ("body", "unet_name"), root)
         for i, lora in enumerate(inp.loras):
@@ -79,32 +102,10 @@ class LoraEndpoint(Endpoint[LoraInput]):
                     "url_not_allowed",
                 )
             check_url(lora.path, loc)
-        # Features whose stages are not wired yet: refused by name.
-        unsupported: list[tuple[str, Any]] = [
-            ("embeddings", inp.embeddings),
-            ("controlnets", inp.controlnets),
-            ("controlnet_guess_mode", inp.controlnet_guess_mode),
-            ("ip_adapter", inp.ip_adapter),
-            ("image_encoder_path", inp.image_encoder_path),
-            ("image_encoder_subfolder", inp.image_encoder_subfolder),
-            ("ic_light_model_url", inp.ic_light_model_url),
-            ("ic_light_model_background_image_url", inp.ic_light_model_background_image_url),
-            ("ic_light_image_url", inp.ic_light_image_url),
-            ("debug_latents", inp.debug_latents),
-            ("debug_per_pass_latents", inp.debug_per_pass_latents),
-        ]
-        for name, value in unsupported:
-            if value:
-                raise InputError(("body", name), f"{name} {_NOT_YET}", "not_supported")
-        if inp.prompt_weighting:
-            for name in ("prompt", "negative_prompt"):
-                if _WEIGHTING_SYNTAX.search(getattr(inp, name)):
-                    raise InputError(
-                        ("body", name),
-                        "prompt_weighting: the weighting syntax ((word)1.2, word+, word-, .and(), .blend()) "
-                        f"{_NOT_YET}; remove it or set prompt_weighting to false",
-                        "not_supported",
-                    )
+        check_controlnets(inp, root, check_model_name)
+        check_embeddings(inp)
+        check_ip_adapter(inp, root, check_model_name)
+        check_ic_light(inp)
         timesteps = inp.timesteps is not None and inp.timesteps.method == "array"
         sigmas = inp.sigmas is not None and inp.sigmas.method == "array"
         if timesteps and sigmas:
@@ -115,24 +116,58 @@ class LoraEndpoint(Endpoint[LoraInput]):
         if inp.tile_stride_width > inp.tile_width or inp.tile_stride_height > inp.tile_height:
             raise InputError(("body", "tile_stride_width"), "tile strides must not exceed the tile size")
         resolve_image_size(inp.image_size, DEFAULT_SIZE)
+        check_debug_latents(inp, DEFAULT_SIZE)
 
     async def load(self, inp: LoraInput, media: MediaLoader) -> Loaded:
         """Each LoRA file, fetched and checked as safetensors (pickles refused) by the gateway."""
         files = [
             await media.weights(lora.path, ("body", "loras", i, "path")) for i, lora in enumerate(inp.loras)
         ]
-        return {"lora_files": [f.data for f in files]}
+        media_arrays: list[np.ndarray] = []  # MEDIA, in the order OPTIONS indexes it
+        controlnets = await load_controlnets(inp, media, media_arrays)
+        ip_adapter = await load_ip_adapter(inp, media, media_arrays)  # images, masks, URL weights
+        ic_light = await load_ic_light(inp, media, media_arrays)  # offset file, foreground, background
+        loaded: dict[str, Any] = {}
+        if inp.model_name.startswith(("http://", "https://", "data:")):  # streamed to disk, sent as its path
+            loaded["model_name"] = await media.checkpoint(inp.model_name, ("body", "model_name"))
+        return {
+            **loaded,
+            "lora_files": [f.data for f in files],
+            "media": media_arrays,
+            "controlnets": controlnets,
+            "embedding_files": await load_embeddings(inp, media),
+            "ip_adapter": ip_adapter,
+            "ic_light": ic_light,
+        }
 
     def to_triton(self, inp: LoraInput, seed: int, loaded: Loaded | None = None) -> TritonTensors:
         width, height = resolve_image_size(inp.image_size, DEFAULT_SIZE)
         blobs = list((loaded or {}).get("lora_files", []))
+        controlnets = list((loaded or {}).get("controlnets", []))  # OPTIONS entries, images in MEDIA
+        if len(controlnets) != len(inp.controlnets):
+            raise ValueError("controlnets were not loaded: Endpoint.load must run before to_triton")
+        if inp.ip_adapter and not (loaded or {}).get("ip_adapter"):  # its images and weights ride in MEDIA
+            raise ValueError("ip_adapter was not loaded: Endpoint.load must run before to_triton")
         options = {
             "loras": [{"file": i, "scale": lora.scale} for i, lora in enumerate(inp.loras)],
             "timesteps": inp.timesteps.array if inp.timesteps and inp.timesteps.method == "array" else None,
             "sigmas": inp.sigmas.array if inp.sigmas and inp.sigmas.method == "array" else None,
+            **debug_options(inp),
+            "controlnets": controlnets,
+            "controlnet_guess_mode": inp.controlnet_guess_mode,
+            "ip_adapter": (loaded or {}).get("ip_adapter"),
         }
+        # Textual-inversion files ride in LORA_FILES after the LoRAs.
+        embedding_files = list((loaded or {}).get("embedding_files", []))
+        if len(embedding_files) != len(inp.embeddings):
+            raise ValueError("embeddings were not loaded: Endpoint.load must run before to_triton")
+        options["embeddings"] = embedding_options(inp, len(blobs))
+        blobs += embedding_files
+        if inp.ic_light_model_url and not (loaded or {}).get("ic_light"):
+            raise ValueError("ic_light was not loaded: Endpoint.load must run before to_triton")
+        options["ic_light"] = ic_light_option((loaded or {}).get("ic_light"), blobs)  # file after the others
         tensors = {
-            "MODEL_NAME": bytes_tensor(inp.model_name),
+            "MODEL_NAME": bytes_tensor((loaded or {}).get("model_name", inp.model_name)),
             "VARIANT": bytes_tensor(inp.variant or ""),
             "UNET_NAME": bytes_tensor(inp.unet_name or ""),
             "PROMPT": bytes_tensor(inp.prompt),
@@ -158,6 +193,9 @@ class LoraEndpoint(Endpoint[LoraInput]):
         }
         if blobs:
             tensors["LORA_FILES"] = np.array([blobs], dtype=np.object_)  # (1, n) safetensors bytes
+        media_arrays = list((loaded or {}).get("media", []))
+        if media_arrays:
+            tensors["MEDIA"] = media_tensor(media_arrays)  # (1, m) .npy blobs
         return tensors
 
     async def to_output(
@@ -170,6 +208,5 @@ class LoraEndpoint(Endpoint[LoraInput]):
             images=[s.image() for s in stored],
             seed=seed,
             has_nsfw_concepts=nsfw,
-            debug_latents=None,
-            debug_per_pass_latents=None,
+            **await store_debug_latents(inp, outputs, store),
         )

@@ -1,0 +1,95 @@
+"""Single-file model checkpoints named by URL (fal-ai/lora `model_name`): streamed to disk, never held in
+memory or sent through a Triton tensor (they are GBs).
+
+The URL goes through the SSRF-safe fetcher (or, for the gateway's own file URLs such as fal storage
+uploads, is copied from the file store) chunk by chunk into a temporary file under
+`<EMBER_LORA_MODEL_ROOT>/checkpoints/`, hashed on the way. It is then checked as safetensors from its
+header alone (pickles and malformed layouts refused, as for every weight file), its family read from the
+tensor names (SDXL / SD 2.x refused by name until served), and renamed to `<sha256>.safetensors`: the
+same content arriving from any URL is stored once, and the Triton side (which shares the directory) keys
+its conversion and export caches by that digest. The Triton model receives the file's path as MODEL_NAME.
+
+Each request fetches its URL again (the content behind a URL may change); what is cached by content is
+the expensive part on the Triton side: conversion, export, and the resident model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ember.endpoints.common import InputError, Loc
+from ember.gateway.fetcher import Fetcher, FetchError
+from ember.gateway.weights import check_safetensors_file
+from ember.specs.checkpoint_keys import checkpoint_family, refusal
+
+SUBDIR = "checkpoints"
+
+
+class CheckpointCache:
+    def __init__(
+        self, fetcher: Fetcher, files: Any, directory: Path, *, max_bytes: int, timeout_s: float
+    ) -> None:
+        self.fetcher = fetcher
+        self.files = files  # the gateway's FileStore (own file URLs), or None
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+
+    async def fetch(self, url: str, loc: Loc, own_name: str | None = None) -> Path:
+        """The checked checkpoint `url` names, as `<directory>/<sha256>.safetensors`; InputError at `loc`."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".partial-", suffix=".safetensors", dir=self.directory)
+        tmp = Path(tmp_name)
+        digest = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as out:
+
+                def sink(chunk: bytes) -> None:  # chunks of the HTTP body (~64 KiB): written as they come
+                    digest.update(chunk)
+                    out.write(chunk)
+
+                if own_name is not None:
+                    await asyncio.to_thread(self._copy_own, own_name, out, digest, loc)
+                else:
+                    try:
+                        await self.fetcher.stream(
+                            url, sink, max_bytes=self.max_bytes, timeout_s=self.timeout_s
+                        )
+                    except FetchError as exc:
+                        raise InputError(loc, exc.msg, exc.kind) from None
+            target = self.directory / f"{digest.hexdigest()}.safetensors"
+            if not target.is_file():
+                await asyncio.to_thread(self._check, tmp, loc)
+                os.replace(tmp, target)
+            else:
+                await asyncio.to_thread(self._check, target, loc)  # cheap: the header only
+            return target
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _copy_own(self, name: str, out: Any, digest: Any, loc: Loc) -> None:
+        path = self.files.path_of(name) if self.files is not None else None
+        if path is None or not Path(path).is_file():
+            raise InputError(loc, "the file this URL names does not exist or has expired", "url_fetch_error")
+        if Path(path).stat().st_size > self.max_bytes:
+            raise InputError(loc, f"the checkpoint is larger than {self.max_bytes} bytes", "file_too_large")
+        with open(path, "rb") as src:
+            while block := src.read(1 << 22):
+                digest.update(block)
+                out.write(block)
+
+    @staticmethod
+    def _check(path: Path, loc: Loc) -> None:
+        weights = check_safetensors_file(path, loc)
+        try:
+            family = checkpoint_family(weights.tensors)
+        except ValueError as exc:
+            raise InputError(loc, str(exc), "invalid_weights") from None
+        message = refusal(family, "this checkpoint")
+        if message is not None:
+            raise InputError(loc, message, "not_supported")

@@ -1,0 +1,309 @@
+"""fal-ai/lora base models: what `model_name` names, made loadable, and its three networks' runners.
+
+1. Single-file checkpoints (one .safetensors in the original CompVis/A1111 layout, as most fine-tunes are
+   published). The gateway streams the URL into `<EMBER_LORA_MODEL_ROOT>/checkpoints/<sha256>.safetensors`
+   (ember.gateway.checkpoints); here the family is told from the checkpoint's key names (read from the
+   header, no tensor loaded), its diffusers config is picked by shapes from the local config directories
+   (no hub: `ember/specs/single_file_configs/` plus any under `<root>/single-file-configs/`), and it is
+   converted once with diffusers' `from_single_file` into a diffusers directory cached by content digest.
+2. SDXL (and SD 2.x) weights, as a directory or a single file, are refused naming model_name until this
+   endpoint serves them.
+3. Runners: torch loads the directory directly; onnxruntime (models.toml `[lora.sdv1-5] runtime`) exports
+   text encoder, UNet and VAE decoder once through ember.specs.artifacts, keyed by the model's content (or
+   HF snapshot), its variant and custom UNet, precision, opset and torch/onnx/onnxruntime versions. The
+   request that triggers a conversion or export gets its progress as status log lines (`log`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ember.runtime import Runner, torch_dtype
+from ember.settings import Settings
+from ember.specs.checkpoint_keys import SD1_TEXT, UNET, VAE, checkpoint_family, refusal
+
+Log = Callable[[str], None]
+LORA_FAMILY = ("lora", "sdv1-5")  # models.toml entry + artifact family of fal-ai/lora base models
+BUILTIN_CONFIGS = Path(__file__).resolve().parent.parent / "specs" / "single_file_configs"
+CONFIGS_SUBDIR = "single-file-configs"  # operator-supplied config dirs under EMBER_LORA_MODEL_ROOT
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _nothing(message: str) -> None:
+    return None
+
+
+def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from a safetensors header (the data is not read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 - not a dict
+
+
+def directory_family(source: str) -> str:
+    """SD family ("sd15" or "sdxl") from a diffusers directory's own description (model_index.json, unet/config.json)."""
+    root = Path(source)
+    if not (root / "model_index.json").is_file():
+        raise ValueError(f"{source} is not a diffusers model directory (no model_index.json)")
+    index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+    unet = json.loads((root / "unet" / "config.json").read_text(encoding="utf-8"))
+    sdxl = "text_encoder_2" in index or unet.get("addition_embed_type") == "text_time"
+    return "sdxl" if sdxl else "sd15"
+
+
+def refuse_family(family: str, name: str) -> None:
+    message = refusal(family, name)
+    if message is not None:
+        raise ValueError(message)
+
+
+def _signature_of_checkpoint(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """The architecture sizes a config must agree with, read from the checkpoint's tensor shapes."""
+    conv_in = shapes[f"{UNET}input_blocks.0.0.weight"]  # (C0, in_channels, 3, 3)
+    cross = next(s for k, s in shapes.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight"))
+    text = next(s for k, s in shapes.items() if k.endswith("token_embedding.weight"))  # (vocab, hidden)
+    layers = {m[1] for k in shapes if (m := re.match(rf"{re.escape(SD1_TEXT)}.*layers\.(\d+)\.", k))}
+    return {
+        "unet_channels": conv_in[0],
+        "in_channels": conv_in[1],
+        "cross_attention_dim": cross[1],
+        "input_blocks": len({k.split(".")[3] for k in shapes if k.startswith(f"{UNET}input_blocks.")}),
+        "vae_channels": shapes[f"{VAE}encoder.conv_in.weight"][0],
+        "text_hidden": text[1],
+        "text_layers": len(layers),
+    }
+
+
+def _signature_of_config(config_dir: Path) -> dict[str, int]:
+    read = lambda sub, name="config.json": json.loads((config_dir / sub / name).read_text(encoding="utf-8"))
+    unet, vae, text = read("unet"), read("vae"), read("text_encoder")
+    return {
+        "unet_channels": unet["block_out_channels"][0],
+        "in_channels": unet["in_channels"],
+        "cross_attention_dim": unet["cross_attention_dim"],
+        # conv_in, `layers_per_block` per block, a downsampler after each block but the last
+        "input_blocks": 1 + len(unet["down_block_types"]) * (unet["layers_per_block"] + 1) - 1,
+        "vae_channels": vae["block_out_channels"][0],
+        "text_hidden": text["hidden_size"],
+        "text_layers": text["num_hidden_layers"],
+    }
+
+
+def config_dirs(settings: Settings) -> list[Path]:
+    """Diffusers config directories a single-file checkpoint may match, built-ins first."""
+    found = [p for p in sorted(BUILTIN_CONFIGS.iterdir()) if (p / "model_index.json").is_file()]
+    extra = settings.lora_models_dir / CONFIGS_SUBDIR
+    if extra.is_dir():
+        found += [p for p in sorted(extra.iterdir()) if (p / "model_index.json").is_file()]
+    return found
+
+
+def match_config(settings: Settings, shapes: Mapping[str, tuple[int, ...]]) -> Path:
+    want = _signature_of_checkpoint(shapes)
+    for config_dir in config_dirs(settings):
+        if _signature_of_config(config_dir) == want:
+            return config_dir
+    raise ValueError(
+        f"the checkpoint's architecture {want} matches none of the known SD1.5 configs; put its diffusers "
+        f"config directory (model_index.json + component configs) under "
+        f"{settings.lora_models_dir / CONFIGS_SUBDIR}"
+    )
+
+
+def _with_tokenizer(settings: Settings, config_dir: Path) -> Path:
+    """A config directory with a tokenizer/: built-in ones get CLIP's, written once from open_clip's BPE."""
+    if (config_dir / "tokenizer").is_dir():
+        return config_dir
+    from ember.specs.clip_bpe import write_clip_tokenizer
+
+    target = settings.export_dir / CONFIGS_SUBDIR / config_dir.name
+    if not (target / "tokenizer" / "vocab.json").is_file():
+        staging = Path(tempfile.mkdtemp(prefix=f".{config_dir.name}-", dir=_mkdir(target.parent)))
+        shutil.copytree(config_dir, staging / "config")
+        write_clip_tokenizer(staging / "config" / "tokenizer")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging / "config", target)
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a checkpoint: the gateway names its cache files by it; others are hashed once here."""
+    if _DIGEST.match(path.stem):
+        return path.stem
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_single_file(settings: Settings, path: Path, log: Log = _nothing) -> Path:
+    """The diffusers directory of SD1.5 single-file checkpoint `path`, converted on first use and cached
+    under <export_dir>/lora-single-file/<sha256>/. ValueError when it is not a servable SD1.5 checkpoint."""
+    from ember.specs.artifacts import _exclusive
+
+    shapes = checkpoint_shapes(path)
+    refuse_family(checkpoint_family(shapes), "the checkpoint")
+    digest = file_digest(path)
+    target = settings.export_dir / "lora-single-file" / digest
+    if (target / "model_index.json").is_file():
+        return target
+    config_dir = match_config(settings, shapes)
+    with _exclusive(settings.export_dir / "lora-single-file.lock"):
+        if (target / "model_index.json").is_file():  # another process converted it meanwhile
+            return target
+        from diffusers import StableDiffusionPipeline
+
+        log(f"converting single-file checkpoint {digest[:12]} ({config_dir.name} layout) to diffusers format")
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path),
+            config=str(_with_tokenizer(settings, config_dir)),
+            local_files_only=True,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        staging = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=_mkdir(target.parent)))
+        try:
+            pipe.save_pretrained(staging / "model", safe_serialization=True)
+            os.replace(staging / "model", target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def prepare(settings: Settings, ref: Any, log: Log = _nothing) -> Any:
+    """`ref` (a ModelRef) with single-file checkpoints converted to directories; SDXL/SD2 refused."""
+    import dataclasses
+
+    source = Path(ref.source)
+    if source.is_file():
+        ref = dataclasses.replace(ref, source=str(convert_single_file(settings, source, log)))
+    else:
+        refuse_family(directory_family(ref.source), f"model_name {ref.source!r}")
+    return ref
+
+
+class LazyWeights(Mapping[str, torch.Tensor]):
+    """A runner's weights, asked for on first use: a runtime without weight access (no refit) fails only
+    for requests that bring LoRAs, with its own RefitNotSupportedError message."""
+
+    def __init__(self, runner: Runner):
+        self._runner = runner
+        self._weights: Mapping[str, torch.Tensor] | None = None
+
+    def _get(self) -> Mapping[str, torch.Tensor]:
+        if self._weights is None:
+            self._weights = self._runner.weights()
+        return self._weights
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+def lora_runtime(settings: Settings) -> str:
+    """models.toml `[lora.sdv1-5] runtime`, else EMBER_RUNTIME (torch when the entry is missing)."""
+    if LORA_FAMILY[0] not in settings.models:
+        return "torch"
+    return settings.model_runtime(*LORA_FAMILY)
+
+
+def export_key(settings: Settings, ref: Any) -> dict[str, Any]:
+    """Everything a base model's ONNX export depends on; a change gives a new artifact directory."""
+    from ember.specs.artifacts import (
+        OPSET,
+        PRECISION,
+        REFIT_MAP_VERSION,
+        _installed,
+        _source_fingerprint,
+        family_spec,
+    )
+
+    source = Path(ref.source)
+    # An HF snapshot directory is named by its commit: that is the revision.
+    revision = source.name if source.parent.name == "snapshots" else None
+    return {
+        "family": LORA_FAMILY[0],
+        "variant": LORA_FAMILY[1],
+        "source": ref.source,
+        "revision": None,  # the source is already a resolved directory (from_pretrained takes no revision)
+        "hf_commit": revision,
+        "source_fingerprint": _source_fingerprint(ref.source),
+        "weights_variant": ref.variant,
+        "unet": ref.unet,
+        "unet_fingerprint": _source_fingerprint(ref.unet) if ref.unet else None,
+        "precision": PRECISION,
+        "opset": OPSET,
+        "torch": _installed("torch"),
+        "onnx": _installed("onnx"),
+        "onnxruntime": _installed("onnxruntime"),
+        "specs": dict(family_spec(*LORA_FAMILY).spec_versions),
+        "refit_map": REFIT_MAP_VERSION,
+    }
+
+
+def onnx_artifacts(settings: Settings, ref: Any, networks: tuple[Any, ...], log: Log = _nothing) -> Any:
+    """The artifact directory of `ref`'s ONNX exports, exporting (and verifying) what is missing first."""
+    from ember.specs.artifacts import _build, _complete, _exclusive, _key_hash, family_spec, read_artifacts
+
+    key = export_key(settings, ref)
+    path = settings.export_dir / f"{LORA_FAMILY[0]}-{LORA_FAMILY[1]}" / _key_hash(key)
+    names = [net.name for net in networks]
+    if not _complete(path, True, names):
+        with _exclusive(settings.export_dir / f"{LORA_FAMILY[0]}-{LORA_FAMILY[1]}.lock"):
+            if not _complete(path, True, names):
+                log(f"exporting {', '.join(names)} to ONNX (first use of this base model; cached after)")
+                _build(path, key, family_spec(*LORA_FAMILY), True, False, networks=networks, log=log)
+    else:
+        log(f"ONNX exports of this base model found in the cache ({path.name})")
+    return read_artifacts(path)
+
+
+def runners(settings: Settings, ref: Any, log: Log = _nothing) -> tuple[Runner, Runner, Runner]:
+    """(text encoder, UNet, VAE decoder) of a prepared `ref` on the lora model's runtime."""
+    from ember.specs.lora import bind_loaders
+
+    networks = bind_loaders(ref.variant, ref.unet)
+    runtime = lora_runtime(settings)
+    if runtime == "torch":
+        from ember.runtime.torch_runner import TorchRunner
+
+        dtype = torch_dtype(settings.dtype)
+        text, unet, vae = (TorchRunner(n, ref.source, None, settings.device, dtype) for n in networks)
+        return text, unet, vae
+    if runtime == "onnxruntime":
+        from ember.runtime import create_runner
+
+        artifacts = onnx_artifacts(settings, ref, networks, log)
+        # LoRAs refit the text encoder and UNet (overridable initializers); the VAE keeps constant weights.
+        text, unet, vae = (
+            create_runner(settings, artifacts, n, refittable=n.name in ("text_encoder", "unet"))
+            for n in networks
+        )
+        return text, unet, vae
+    raise ValueError(
+        f"fal-ai/lora base models run on torch or onnxruntime, not {runtime!r} (models.toml [lora.sdv1-5])"
+    )

@@ -1,0 +1,474 @@
+"""IP-Adapter image prompts for fal-ai/lora, as diffusers' StableDiffusionPipeline runs them after
+`load_ip_adapter` + `set_ip_adapter_scale` with `ip_adapter_image` (and `cross_attention_kwargs=
+{"ip_adapter_masks": ...}` from IPAdapterMaskProcessor for masks):
+
+1. Image encoder stage: each adapter's image(s) -> CLIPImageProcessor -> CLIPVisionModelWithProjection
+   (ember.specs.image_encoder). Plain IP-Adapters take the projected `image_embeds` (n, P) with zeros as
+   the unconditional embeds; Plus / Full Face take the penultimate hidden states (n, T, Dv), unconditional
+   = the encoder's hidden states of an all-zero image. Rows follow the slot's prompt rows:
+   [uncond x k; cond x k] with classifier-free guidance, [cond x k] without -> (rows, n, ...).
+2. IP UNet: a copy of the base model's torch UNet module whose parameters ARE the base UNet's (same
+   tensors: LoRA refits reach it, no second copy of the weights), into which diffusers' own
+   load_ip_adapter installs the image projection (encoder_hid_proj) and the IP attention processors
+   (to_k_ip / to_v_ip). The base UNet module is never touched, so requests without IP-Adapter run
+   exactly as before. The UNet is then called with added_cond_kwargs={"image_embeds": [...]}.
+
+Requests run in one network batch only when they share the IP-Adapter set (weights, scales, the number of
+images per adapter and which adapters are masked): the attention processors hold one scale per adapter.
+Images and masks are per request rows, so such a batch may still mix different images and masks.
+
+Runs on the torch runtime only: ONNX / TensorRT export of IP-Adapter UNets is not done (the image tokens
+would be extra engine inputs per adapter count; a later issue). FaceID adapters (InsightFace face
+embeddings) are refused: InsightFace's detector and its model files are not available here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ember.pipeline.guided_denoise import GuidedSlot
+from ember.runtime import Runner, torch_dtype
+from ember.settings import Settings
+from ember.specs.base import TensorSpec
+from ember.specs.controlnet import CONTROLLED_UNET, RESIDUAL_NAMES
+from ember.specs.image_encoder import DEFAULT_WEIGHT_NAME, bind_image_encoder
+from ember.specs.lora import UNET
+
+# MEDIA reader: (index, what) -> the array the gateway sent (lora_io.media_array bound to one request).
+MediaReader = Callable[[Any, str], np.ndarray]
+
+
+@dataclass(frozen=True)
+class IPAdapterWeights:
+    """One IP-Adapter checkpoint in diffusers' format: {"image_proj": {...}, "ip_adapter": {...}}."""
+
+    digest: str  # sha256 of the file: the cache and batch key
+    state: Mapping[str, Mapping[str, torch.Tensor]] = field(compare=False, repr=False)
+
+    @property
+    def plain(self) -> bool:
+        """A plain IP-Adapter (diffusers' ImageProjection) projects `image_embeds`; the others (Plus,
+        Full Face) take the image encoder's penultimate hidden states."""
+        return "proj.weight" in self.state["image_proj"]
+
+    @property
+    def embed_width(self) -> int | None:
+        """The image-encoder output width its projection takes (P for plain, Dv for Plus / Full Face)."""
+        for key in ("proj.weight", "proj_in.weight", "proj.0.weight"):
+            if key in self.state["image_proj"]:
+                return int(self.state["image_proj"][key].shape[-1])
+        return None
+
+
+def parse_ip_adapter(tensors: Mapping[str, torch.Tensor], digest: str) -> IPAdapterWeights:
+    """Split a flat safetensors state dict ("image_proj.*", "ip_adapter.*") as diffusers' load_ip_adapter
+    does; ValueError for what is not an IP-Adapter or cannot run here (FaceID)."""
+    state: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in tensors.items():
+        prefix, _, rest = key.partition(".")
+        if prefix in state:
+            state[prefix][rest] = value
+    if not state["image_proj"] or not state["ip_adapter"]:
+        raise ValueError("not an IP-Adapter checkpoint (needs image_proj.* and ip_adapter.* weights)")
+    proj = state["image_proj"]
+    face_id = "perceiver_resampler.proj_in.weight" in proj or (
+        "norm.weight" in proj and "proj.weight" not in proj and "proj.3.weight" not in proj
+    )
+    if face_id or any("lora" in key for key in state["ip_adapter"]):
+        raise ValueError(
+            "FaceID IP-Adapters are not supported: they take InsightFace face embeddings, and InsightFace "
+            "(its detector and model files) is not available on this server; use a CLIP-image IP-Adapter"
+        )
+    return IPAdapterWeights(digest, state)
+
+
+class IPAdapterFiles:
+    """Parsed IP-Adapter checkpoints by content digest, least recently used leaving first."""
+
+    def __init__(self, capacity: int = 4):
+        self._cache: OrderedDict[str, IPAdapterWeights] = OrderedDict()
+        self._capacity = capacity
+
+    def get(self, blob: bytes) -> IPAdapterWeights:
+        from safetensors.torch import load
+
+        digest = hashlib.sha256(blob).hexdigest()
+        weights = self._cache.get(digest)
+        if weights is None:
+            weights = self._cache[digest] = parse_ip_adapter(load(blob), digest)
+            while len(self._cache) > self._capacity:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(digest)
+        return weights
+
+
+# One per process (the Triton model instance): the same checkpoint sent again is parsed once.
+FILES = IPAdapterFiles()
+
+
+@dataclass(frozen=True)
+class IPAdapterUnit:
+    """One entry of fal's `ip_adapter` list, resolved."""
+
+    weights: IPAdapterWeights
+    images: tuple[np.ndarray, ...] = field(compare=False, repr=False)  # each (H, W, 3) uint8 RGB
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)  # (H, W) uint8
+    scale: float = 1.0
+    # fal's scale_json: diffusers' per-block scale config ({"down": {"block_2": [0.0, 1.0]}, "up": ...}),
+    # kept as canonical JSON text so that it hashes; replaces `scale` when set.
+    scale_json: str | None = None
+
+    @property
+    def scale_config(self) -> float | dict[str, Any]:
+        return json.loads(self.scale_json) if self.scale_json is not None else self.scale
+
+
+@dataclass(frozen=True)
+class IPAdapterRequest:
+    units: tuple[IPAdapterUnit, ...]
+    image_encoder: str  # a local directory with the encoder's config.json and weights
+    image_encoder_weight_name: str = DEFAULT_WEIGHT_NAME
+
+    @property
+    def key(self) -> Hashable:
+        """What requests sharing one network batch must agree on (module docstring)."""
+        return (
+            self.image_encoder,
+            self.image_encoder_weight_name,
+            tuple(
+                (u.weights.digest, u.scale, u.scale_json, len(u.images), u.mask is not None)
+                for u in self.units
+            ),
+        )
+
+
+def _under_root(path: Path, root: Path, what: str) -> Path:
+    resolved = path.expanduser().resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ValueError(f"{what}: local paths must lie under {root.resolve()} (EMBER_LORA_MODEL_ROOT)")
+    return resolved
+
+
+def _is_local(name: str) -> bool:
+    return name.startswith(("/", ".", "~"))
+
+
+def _adapter_file(path: str, subfolder: str | None, weight_name: str, root: Path, what: str) -> bytes:
+    """The checkpoint bytes of a directory under `root` or an HF repo (+ subfolder, weight_name)."""
+    if not weight_name.endswith(".safetensors"):
+        raise ValueError(f"{what}.weight_name must name a .safetensors file (pickles are refused)")
+    if _is_local(path):
+        file = _under_root(Path(path) / (subfolder or "") / weight_name, root, f"{what}.path")
+        if not file.is_file():
+            raise ValueError(f"{what}: no file {weight_name} in {path}/{subfolder or ''}")
+        return file.read_bytes()
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(path, weight_name, subfolder=subfolder or None)).read_bytes()
+    except Exception as exc:
+        raise ValueError(
+            f"{what}: cannot fetch {path!r}/{weight_name} from the Hugging Face hub: {exc}"
+        ) from exc
+
+
+def _encoder_dir(path: str, subfolder: str | None, root: Path, what: str) -> str:
+    """The image encoder's directory (config.json + weights): under `root`, or an HF repo's subfolder."""
+    if _is_local(path):
+        directory = _under_root(Path(path) / (subfolder or ""), root, what)
+        if not (directory / "config.json").is_file():
+            raise ValueError(f"{what}: {directory} is not an image encoder directory (no config.json)")
+        return str(directory)
+    from huggingface_hub import snapshot_download
+
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        snapshot = snapshot_download(path, allow_patterns=[f"{prefix}config.json", f"{prefix}*.safetensors"])
+    except Exception as exc:
+        raise ValueError(f"{what}: cannot fetch {path!r} from the Hugging Face hub: {exc}") from exc
+    return str(Path(snapshot) / prefix)
+
+
+def parse_ip_adapter_options(
+    options: Mapping[str, Any] | None, media: MediaReader, root: Path
+) -> IPAdapterRequest | None:
+    """OPTIONS["ip_adapter"] (written by ember.endpoints.lora.ip_adapter) -> the request's IP-Adapters:
+
+        {"adapters": [{"weights": {"media": i} | {"path": p, "subfolder": s, "weight_name": w},
+                       "images": [i, ...], "mask": i | null, "scale": 1.0, "scale_json": {...} | null}],
+         "image_encoder": {"path": p | null, "subfolder": s | null, "weight_name": w}}
+
+    Images are (H, W, 3) uint8 and masks (H, W) uint8 in MEDIA; a fetched checkpoint is its bytes as a
+    (n,) uint8 array there. Without an image encoder path, the first adapter's repo/directory's
+    `<subfolder>/image_encoder` is used, as diffusers' load_ip_adapter does. ValueError names the field.
+    """
+    if not options or not options.get("adapters"):
+        return None
+    units = []
+    for i, entry in enumerate(options["adapters"]):
+        what = f"ip_adapter[{i}]"
+        source = entry["weights"]
+        if "media" in source:
+            blob = media(source["media"], f"{what}.path").tobytes()
+        else:
+            blob = _adapter_file(
+                source["path"], source.get("subfolder"), source.get("weight_name") or "", root, what
+            )
+        try:
+            weights = FILES.get(blob)
+        except ValueError as exc:
+            raise ValueError(f"{what}.path: {exc}") from exc
+        except Exception as exc:  # safetensors' own errors: not a safetensors file
+            raise ValueError(f"{what}.path: not a usable safetensors file: {exc}") from exc
+        images = tuple(media(j, f"{what}.ip_adapter_image_url") for j in entry["images"])
+        if not images or any(im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8 for im in images):
+            raise ValueError(f"{what}.ip_adapter_image_url: give at least one (H, W, 3) uint8 RGB image")
+        mask = None if entry.get("mask") is None else media(entry["mask"], f"{what}.ip_adapter_mask_url")
+        if mask is not None and (mask.ndim != 2 or mask.dtype != np.uint8):
+            raise ValueError(f"{what}.ip_adapter_mask_url: the mask must be (H, W) uint8")
+        scale_json = entry.get("scale_json")
+        units.append(
+            IPAdapterUnit(
+                weights,
+                images,
+                mask,
+                float(entry.get("scale", 1.0)),
+                None if scale_json is None else json.dumps(scale_json, sort_keys=True),
+            )
+        )
+    encoder = options.get("image_encoder") or {}
+    if encoder.get("path"):
+        directory = _encoder_dir(encoder["path"], encoder.get("subfolder"), root, "image_encoder_path")
+    else:
+        first = options["adapters"][0]["weights"]
+        if "path" not in first:
+            raise ValueError(
+                "image_encoder_path is required when ip_adapter[0].path is a URL (a weights file has no "
+                "image_encoder folder beside it)"
+            )
+        sub = "/".join(p for p in (first.get("subfolder"), "image_encoder") if p)
+        directory = _encoder_dir(
+            first["path"], sub, root, "image_encoder_path (default: ip_adapter[0] image_encoder)"
+        )
+    return IPAdapterRequest(tuple(units), directory, encoder.get("weight_name") or DEFAULT_WEIGHT_NAME)
+
+
+class IPAdapterUNet(nn.Module):
+    """Inputs in spec order: sample (B, C, h, w), timestep (B,), encoder_hidden_states (B, 77, D), then the
+    ControlNet residuals of ember.specs.controlnet.CONTROLLED_UNET when `controlled`, then per adapter its
+    image embeds (B, n, P) or (B, n, T, Dv), then per masked adapter its masks (B, n, H, W) in {0, 1}."""
+
+    def __init__(self, unet: nn.Module, masked: tuple[bool, ...], controlled: bool):
+        super().__init__()
+        self.unet = unet
+        self.masked = masked
+        self.controlled = controlled
+        self.config = dict(unet.config)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *rest: torch.Tensor,
+    ) -> torch.Tensor:
+        kwargs: dict[str, Any] = {}
+        if self.controlled:
+            residuals, rest = rest[: len(RESIDUAL_NAMES)], rest[len(RESIDUAL_NAMES) :]
+            kwargs["down_block_additional_residuals"] = residuals[:-1]
+            kwargs["mid_block_additional_residual"] = residuals[-1]
+        n = len(self.masked)
+        given = iter(rest[n:])
+        masks = [next(given) if m else None for m in self.masked]
+        if any(self.masked):
+            kwargs["cross_attention_kwargs"] = {"ip_adapter_masks": masks}
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added_cond_kwargs={"image_embeds": list(rest[:n])},
+            return_dict=False,
+            **kwargs,
+        )[0]
+
+
+def _unet_spec(request: IPAdapterRequest, controlled: bool) -> Any:
+    """The UNet's spec (with ControlNet residual inputs when `controlled`) plus the image-embed and mask
+    inputs of this adapter set. Built per adapter set for the torch runtime; not exported."""
+    base = CONTROLLED_UNET if controlled else UNET
+    extra = []
+    for i, u in enumerate(request.units):
+        images = f"images_{i}"
+        axes = (
+            ("batch", images, "projection")
+            if u.weights.plain
+            else ("batch", images, "tokens", "vision_hidden")
+        )
+        extra.append(TensorSpec(f"image_embeds_{i}", torch.float32, axes))
+    for i, u in enumerate(request.units):
+        if u.mask is not None:
+            axes = ("batch", f"images_{i}", "image_height", "image_width")
+            extra.append(TensorSpec(f"ip_mask_{i}", torch.float32, axes))
+    return dataclasses.replace(base, name="unet_ip_adapter", inputs=(*base.inputs, *extra))
+
+
+class IPAdapterStage:
+    """Image encoders and IP UNets, loaded on first use and kept (least recently used leaving)."""
+
+    def __init__(self, settings: Settings, max_encoders: int = 2, max_unets: int = 2):
+        self.device, self.dtype = settings.device, torch_dtype(settings.dtype)
+        self.max_encoders, self.max_unets = max_encoders, max_unets
+        self._encoders: OrderedDict[tuple[str, str], tuple[Runner, Any]] = OrderedDict()
+        # Per base UNet runner (dropped with it when its base model is evicted): adapter digests -> the
+        # IP-loaded UNet copy.
+        self._unets: weakref.WeakKeyDictionary[Runner, OrderedDict[tuple[str, ...], nn.Module]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def encoder(self, request: IPAdapterRequest) -> tuple[Runner, Any]:
+        """(the image encoder runner, its CLIPImageProcessor), sized as diffusers' load_ip_adapter sizes
+        the feature extractor it creates: size = crop_size = the encoder's image_size."""
+        from transformers import CLIPImageProcessor
+
+        from ember.runtime.torch_runner import TorchRunner
+
+        key = (request.image_encoder, request.image_encoder_weight_name)
+        if key not in self._encoders:
+            runner = TorchRunner(bind_image_encoder(key[1]), key[0], None, self.device, self.dtype)
+            size = json.loads((Path(key[0]) / "config.json").read_text(encoding="utf-8"))["image_size"]
+            self._encoders[key] = (runner, CLIPImageProcessor(size=size, crop_size=size))
+            while len(self._encoders) > self.max_encoders:
+                self._encoders.popitem(last=False)
+        self._encoders.move_to_end(key)
+        return self._encoders[key]
+
+    def unet(self, base: Runner, request: IPAdapterRequest, controlled: bool) -> Runner:
+        """The IP UNet for `request`'s adapters over the weights of `base` (the base model's UNet runner),
+        taking ControlNet residuals too when `controlled`; its scales set for this batch."""
+        from diffusers.loaders import IPAdapterMixin
+
+        from ember.runtime.torch_runner import TorchRunner
+
+        wrapper = getattr(base, "module", None)  # TorchRunner's spec wrapper (lora.BaseModel: torch)
+        if not isinstance(base, TorchRunner) or wrapper is None:
+            raise ValueError("it needs the base model's UNet on the torch runtime (EMBER_RUNTIME=torch)")
+        original = wrapper.unet  # the diffusers UNet2DConditionModel inside the spec wrapper
+        if original.config.get("addition_embed_type") == "text_time":
+            raise ValueError("SDXL base models are not supported with it yet (SD1.5 bases only)")
+        copies = self._unets.setdefault(base, OrderedDict())
+        digests = tuple(u.weights.digest for u in request.units)
+        unet = copies.get(digests)
+        if unet is None:
+            # Share every parameter and buffer (the memo maps them to themselves); copy the module objects,
+            # their attention processors and config, which load_ip_adapter replaces / edits.
+            shared = {id(t): t for t in itertools.chain(original.parameters(), original.buffers())}
+            unet = copy.deepcopy(original, memo=shared)
+            holder = SimpleNamespace(unet=unet)  # all IPAdapterMixin reads here: `.unet`
+            states = [dict(u.weights.state) for u in request.units]
+            try:
+                IPAdapterMixin.load_ip_adapter(
+                    holder, states, subfolder=[None] * len(states), weight_name=[None] * len(states)
+                )
+            except (KeyError, RuntimeError, ValueError) as exc:  # layers / widths of another base model
+                raise ValueError(f"the IP-Adapter does not fit this base model's UNet: {exc}") from exc
+            copies[digests] = unet
+            while len(copies) > self.max_unets:
+                copies.popitem(last=False)
+        copies.move_to_end(digests)
+        try:
+            IPAdapterMixin.set_ip_adapter_scale(
+                SimpleNamespace(unet=unet), [u.scale_config for u in request.units]
+            )
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise ValueError(f"scale_json is not a valid per-block scale: {exc}") from exc
+        masked = tuple(u.mask is not None for u in request.units)
+        module = IPAdapterUNet(unet, masked, controlled)
+        dtype = next(unet.parameters()).dtype
+        return TorchRunner(
+            _unet_spec(request, controlled), "", None, str(base.device), dtype, module=module, warmup=()
+        )
+
+    def denoiser(
+        self, base: Runner, unet: Runner, controlled: Any, request: IPAdapterRequest | None
+    ) -> Runner:
+        """The UNet runner for a batch: `unet` (the base or ControlNet-residual one) when it has no
+        IP-Adapter, else the IP UNet over `base`'s weights; ValueError("ip_adapter: ...") if it cannot run."""
+        if request is None:
+            return unet
+        try:
+            return self.unet(base, request, controlled is not None)
+        except ValueError as exc:
+            raise ValueError(f"ip_adapter: {exc}") from exc
+
+    def attach(
+        self, slots: Sequence[GuidedSlot], requests: Mapping[int, Any], width: int, height: int
+    ) -> dict[int, str]:
+        """Give each slot its request's IP-Adapter inputs (`unet_feeds`); returns the errors of the requests
+        that cannot run, by slot index."""
+        errors = {}
+        for slot in slots:
+            ip = requests[slot.index].ip_adapter
+            if ip is None:
+                continue
+            k = slot.latents.shape[0]
+            try:
+                slot.unet_feeds = self.feeds(ip, k, slot.rows > k, height, width)
+            except (
+                OSError,
+                ValueError,
+                RuntimeError,
+            ) as exc:  # unloadable encoder, embeds of the wrong width
+                errors[slot.index] = f"ip_adapter: {exc}"
+        return errors
+
+    @torch.inference_mode()
+    def feeds(
+        self, request: IPAdapterRequest, k: int, do_cfg: bool, height: int, width: int
+    ) -> dict[str, torch.Tensor]:
+        """One request's extra UNet inputs, rows as its prompt rows ([uncond x k; cond x k] with CFG)."""
+        from diffusers.image_processor import IPAdapterMaskProcessor
+
+        runner, processor = self.encoder(request)
+        out: dict[str, torch.Tensor] = {}
+        for i, unit in enumerate(request.units):
+            pil = [Image.fromarray(image).convert("RGB") for image in unit.images]
+            pixels = processor(images=pil, return_tensors="pt").pixel_values  # (n, 3, S, S)
+            encoded = runner.run({"pixel_values": pixels})
+            features = encoded["image_embeds" if unit.weights.plain else "hidden_states"].shape[-1]
+            if unit.weights.embed_width not in (None, features):
+                raise ValueError(
+                    f"ip_adapter[{i}] takes image features of width {unit.weights.embed_width}, but the image "
+                    f"encoder {request.image_encoder} gives {features}: pick the encoder the adapter was trained "
+                    "with (image_encoder_path / image_encoder_subfolder)"
+                )
+            if unit.weights.plain:
+                cond = encoded["image_embeds"]  # (n, P)
+                uncond = torch.zeros_like(cond)
+            else:
+                cond = encoded["hidden_states"]  # (n, T, Dv)
+                uncond = runner.run({"pixel_values": torch.zeros_like(pixels)})["hidden_states"]
+            rows = [uncond[None]] * k + [cond[None]] * k if do_cfg else [cond[None]] * k
+            out[f"image_embeds_{i}"] = torch.cat(rows)  # (rows, n, ...)
+            if unit.mask is not None:
+                # (1, 1, H, W) binarized at the output size, the same mask for each of the adapter's images
+                mask = IPAdapterMaskProcessor().preprocess(
+                    Image.fromarray(unit.mask), height=height, width=width
+                )
+                out[f"ip_mask_{i}"] = mask.expand(len(rows), len(unit.images), -1, -1).float()
+        return out

@@ -1,0 +1,47 @@
+"""Which Stable Diffusion family a single-file checkpoint (original CompVis / A1111 layout) holds, from its
+tensor names alone: the gateway reads them from the safetensors header it checked, the pipeline from the
+cached file. No torch here (the gateway imports it).
+
+SD1.x: CLIP ViT-L under `cond_stage_model.transformer.`; SD 2.x: OpenCLIP under `cond_stage_model.model.`;
+SDXL: two text encoders under `conditioner.embedders.{0,1}.` and a UNet with the size/crop ("text_time")
+embedding `label_emb`. Names as diffusers' single_file_utils reads them (CHECKPOINT_KEY_NAMES).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+SD1_TEXT = "cond_stage_model.transformer."
+SD2_TEXT = "cond_stage_model.model."
+SDXL_TEXT = "conditioner.embedders.1."
+SDXL_LABEL_EMB = f"{UNET}label_emb.0.0.weight"
+SERVED = "sd15"
+
+
+def checkpoint_family(names: Iterable[str]) -> str:
+    """The family ("sd15", "sdxl" or "sd2"); ValueError for a file that is no Stable Diffusion checkpoint."""
+    keys = set(names)
+    if SDXL_LABEL_EMB in keys or any(k.startswith(SDXL_TEXT) for k in keys):
+        return "sdxl"
+    if any(k.startswith(SD2_TEXT) for k in keys):
+        return "sd2"
+    if any(k.startswith(UNET) for k in keys) and any(k.startswith(SD1_TEXT) for k in keys):
+        return "sd15"
+    raise ValueError(
+        "this is not a Stable Diffusion single-file checkpoint (no model.diffusion_model.* UNet and "
+        "cond_stage_model.* text encoder tensors); send a full SD1.5 .safetensors checkpoint"
+    )
+
+
+def refusal(family: str, what: str) -> str | None:
+    """Why `family` cannot be served yet (None when it can); `what` names the weights in the message."""
+    if family == "sdxl":
+        return (
+            f"{what} is an SDXL model; fal-ai/lora serves Stable Diffusion 1.5 base models only for now "
+            "(SDXL bases are not supported yet): use an SD1.5 model"
+        )
+    if family == "sd2":
+        return f"{what} is a Stable Diffusion 2.x model; fal-ai/lora serves SD1.5 base models only"
+    return None

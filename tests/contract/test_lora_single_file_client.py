@@ -1,0 +1,119 @@
+"""fal-client 1.0.3, unmodified, against the real gateway + tritonserver (fal-ai/lora): `model_name` as an
+http URL of a single-file .safetensors checkpoint (the tiny SD1.5 written in the original LDM layout),
+served by a local HTTP server the gateway may fetch from (EMBER_FETCH_ALLOW=127.0.0.1/32 in the stack)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import threading
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import ModuleType
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from ember.pipeline.base_models import CONFIGS_SUBDIR
+from ember.settings import Settings
+from tests.single_file_checkpoint import to_single_file
+
+pytestmark = pytest.mark.e2e
+
+ENDPOINT = "fal-ai/lora"
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def served(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(URL of the tiny SD1.5 as one .safetensors, the same model's directory under the model root)."""
+    from ember.specs.demo_lora import build_tiny_sd15
+
+    root = stack_settings.lora_models_dir
+    # A directory of its own: other tests' first requests on tiny-sd15 must still be the ones that load it.
+    model = root / "tiny-sd15-single-file"
+    if not (model / "model_index.json").is_file():
+        build_tiny_sd15(model)
+    configs = root / CONFIGS_SUBDIR / "tiny-sd15-single-file"  # how the server learns the tiny architecture
+    if not configs.is_dir():
+        shutil.copytree(model, configs, ignore=shutil.ignore_patterns("*.safetensors"))
+    files = tmp_path_factory.mktemp("http")
+    to_single_file(model, files / "tiny-sd15.safetensors")
+    sdxl_names = (
+        "model.diffusion_model.label_emb.0.0.weight",
+        "conditioner.embedders.1.model.ln_final.weight",
+    )
+    save_file({name: torch.zeros(2) for name in sdxl_names}, str(files / "sdxl.safetensors"))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(files)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", str(model.resolve())
+    finally:
+        httpd.shutdown()
+
+
+def _pixels(result: dict, cafile: str) -> np.ndarray:
+    response = httpx.get(result["images"][0]["url"], verify=cafile, timeout=30)
+    response.raise_for_status()
+    return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"))
+
+
+def test_single_file_checkpoint_url(fal_client: ModuleType, client_env, served: tuple[str, str]) -> None:
+    base_url, directory = served
+    args = {
+        "prompt": "a red fox",
+        "image_size": {"width": 64, "height": 64},
+        "num_inference_steps": 3,
+        "seed": 5,
+        "image_format": "png",
+    }
+    updates: list = []
+    from_url = fal_client.subscribe(
+        ENDPOINT,
+        arguments={**args, "model_name": f"{base_url}/tiny-sd15.safetensors"},
+        with_logs=True,
+        on_queue_update=updates.append,
+    )
+    messages = [
+        log["message"] for u in updates if isinstance(u, fal_client.InProgress) for log in (u.logs or [])
+    ]
+    # The first request on this checkpoint converted it; its status logs said so.
+    assert any(m.startswith(("loading base model", "converting single-file")) for m in messages), messages
+    from_dir = fal_client.run(ENDPOINT, arguments={**args, "model_name": directory})
+    cafile = client_env["SSL_CERT_FILE"]
+    assert np.array_equal(_pixels(from_url, cafile), _pixels(from_dir, cafile))
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("sdxl.safetensors", "SDXL"), ("missing.safetensors", "HTTP 404")],
+)
+def test_refused_checkpoints_are_422_naming_model_name(
+    fal_client: ModuleType, served: tuple[str, str], name: str, message: str
+) -> None:
+    arguments = {
+        "model_name": f"{served[0]}/{name}",
+        "prompt": "x",
+        "image_size": {"width": 64, "height": 64},
+    }
+    with pytest.raises(fal_client.client.FalClientHTTPError) as info:
+        fal_client.run(ENDPOINT, arguments=arguments)
+    assert info.value.status_code == 422
+    detail = info.value.response.json()["detail"]
+    assert any(d["loc"] == ["body", "model_name"] and message in d["msg"] for d in detail), detail
+
+
+def test_checkpoints_are_stored_by_content(stack_settings: Settings, served: tuple[str, str]) -> None:
+    stored = list((stack_settings.lora_models_dir / "checkpoints").glob("*.safetensors"))
+    assert stored and all(len(p.stem) == 64 for p in stored), stored
+    assert not list(Path(stored[0].parent).glob(".partial-*"))

@@ -1,0 +1,171 @@
+"""fal-ai/lora single-file checkpoints on the gateway side: the model_name rule for URLs and files, the
+streaming download into the content-addressed directory (real fetcher, real sockets on 127.0.0.1),
+header-only safetensors checks, family detection by tensor names, and the built-in SD1.5 configs."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from safetensors.numpy import save as save_numpy
+
+from ember.endpoints.common import InputError
+from ember.endpoints.lora.translate import check_model_name
+from ember.gateway.checkpoints import CheckpointCache
+from ember.gateway.fetcher import Fetcher, FetchPolicy
+from ember.gateway.weights import check_safetensors, check_safetensors_file
+from ember.specs.checkpoint_keys import checkpoint_family
+
+LOC = ("body", "model_name")
+SD15_NAMES = (
+    "model.diffusion_model.input_blocks.0.0.weight",
+    "first_stage_model.encoder.conv_in.weight",
+    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+)
+SDXL_NAMES = (
+    "model.diffusion_model.input_blocks.0.0.weight",
+    "model.diffusion_model.label_emb.0.0.weight",
+    "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+    "conditioner.embedders.1.model.token_embedding.weight",
+)
+
+
+def _checkpoint(names: tuple[str, ...], fill: float = 0.0) -> bytes:
+    return save_numpy({name: np.full((2, 3), fill, np.float32) for name in names})
+
+
+class _Handler(BaseHTTPRequestHandler):
+    routes: ClassVar[dict[str, bytes]] = {}
+
+    def do_GET(self) -> None:
+        body = self.routes.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def _cache(directory: Path, max_bytes: int = 1 << 20) -> CheckpointCache:
+    fetcher = Fetcher(FetchPolicy(allow=("127.0.0.1/32",)))
+    return CheckpointCache(fetcher, None, directory, max_bytes=max_bytes, timeout_s=10)
+
+
+def test_model_name_accepts_checkpoint_urls_and_files(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "m.safetensors").write_bytes(_checkpoint(SD15_NAMES))
+    for ok in (
+        "https://example.com/m.safetensors",
+        "data:application/octet-stream;base64,AAAA",
+        str(root / "checkpoints" / "m.safetensors"),
+    ):
+        check_model_name(ok, LOC, root, single_file=True)
+    # unet_name (single_file=False) keeps refusing URLs; files outside the root stay refused.
+    with pytest.raises(InputError, match="not supported yet"):
+        check_model_name("https://example.com/m.safetensors", ("body", "unet_name"), root)
+    with pytest.raises(InputError, match="under"):
+        check_model_name(str(tmp_path / "elsewhere.safetensors"), LOC, root, single_file=True)
+    # An SDXL directory is refused at submit time, naming model_name.
+    (root / "xl").mkdir()
+    (root / "xl" / "model_index.json").write_text(json.dumps({"text_encoder_2": ["transformers", "X"]}))
+    with pytest.raises(InputError, match="SDXL") as info:
+        check_model_name(str(root / "xl"), LOC, root, single_file=True)
+    assert info.value.loc == LOC
+
+
+def test_family_from_tensor_names() -> None:
+    assert checkpoint_family(SD15_NAMES) == "sd15"
+    assert checkpoint_family(SDXL_NAMES) == "sdxl"
+    assert checkpoint_family([*SD15_NAMES[:2], "cond_stage_model.model.ln_final.weight"]) == "sd2"
+    with pytest.raises(ValueError, match="not a Stable Diffusion"):
+        checkpoint_family(["lora_unet_down_blocks_0_attentions_0.lora_down.weight"])
+
+
+def test_header_only_check_agrees_with_the_in_memory_one(tmp_path: Path) -> None:
+    good = _checkpoint(SD15_NAMES)
+    (tmp_path / "good").write_bytes(good)
+    assert check_safetensors_file(tmp_path / "good", LOC).tensors == check_safetensors(good, LOC).tensors
+    for bad in (good[:-4], pickle.dumps({"a": 1}), b"PK\x03\x04zip", good[:8] + b"{not json" + good[17:]):
+        (tmp_path / "bad").write_bytes(bad)
+        with pytest.raises(InputError):
+            check_safetensors(bad, LOC)
+        with pytest.raises(InputError):
+            check_safetensors_file(tmp_path / "bad", LOC)
+
+
+async def test_streamed_into_the_content_addressed_directory(server: str, tmp_path: Path) -> None:
+    sd15, other = _checkpoint(SD15_NAMES), _checkpoint(SD15_NAMES, 1.0)
+    _Handler.routes.update(
+        {
+            "/a.safetensors": sd15,
+            "/same-content": sd15,
+            "/b.safetensors": other,
+            "/xl.safetensors": _checkpoint(SDXL_NAMES),
+            "/model.ckpt": pickle.dumps([1]),
+            "/lora.safetensors": _checkpoint(("lora_unet_x.lora_down.weight",)),
+        }
+    )
+    cache = _cache(tmp_path)
+    a = await cache.fetch(f"{server}/a.safetensors", LOC)
+    assert a.parent == tmp_path and a.read_bytes() == sd15
+    import hashlib
+
+    assert a.name == f"{hashlib.sha256(sd15).hexdigest()}.safetensors"
+    assert await cache.fetch(f"{server}/same-content", LOC) == a  # stored once per content
+    assert await cache.fetch(f"{server}/b.safetensors", LOC) != a
+    refused = {
+        "/xl.safetensors": "SDXL",
+        "/model.ckpt": "only .safetensors",
+        "/lora.safetensors": "not a Stable Diffusion",
+        "/missing": "HTTP 404",
+    }
+    for path, message in refused.items():
+        with pytest.raises(InputError, match=message) as info:
+            await cache.fetch(f"{server}{path}", LOC)
+        assert info.value.loc == LOC
+    with pytest.raises(InputError, match="larger than"):
+        await _cache(tmp_path, max_bytes=100).fetch(f"{server}/b.safetensors", LOC)
+    # data: URIs take the same path; nothing half-written is left behind.
+    import base64
+
+    uri = "data:application/octet-stream;base64," + base64.b64encode(other).decode()
+    assert (await cache.fetch(uri, LOC)).read_bytes() == other
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        {a.name, f"{hashlib.sha256(other).hexdigest()}.safetensors"}
+    )
+
+
+def test_builtin_sd15_config_is_the_real_architecture() -> None:
+    """The committed configs build SD1.5's networks: known parameter counts (meta device, no weights)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ember.pipeline.base_models import BUILTIN_CONFIGS
+
+    root = BUILTIN_CONFIGS / "sd15"
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder"))
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert (count(unet), count(vae), count(text)) == (859_520_964, 83_653_863, 123_060_480)
