@@ -50,11 +50,20 @@ SEED_EXAMPLE = {
 def tiny_model(stack_settings: Settings) -> str:
     from ember.specs.demo_lora import build_tiny_sd15
 
-    # This module's own copy: its first request must be the one that loads it (the seed example checks
-    # the "loading base model" status line), whatever other modules loaded before.
-    directory = stack_settings.lora_models_dir / "tiny-sd15-python-client"
+    directory = stack_settings.lora_models_dir / "tiny-sd15"
     if not (directory / "model_index.json").is_file():
         build_tiny_sd15(directory)
+    return str(directory.resolve())
+
+
+@pytest.fixture(scope="module")
+def first_use_model(stack_settings: Settings) -> str:
+    """A model no other test names (other modules share `tiny_model`): the seed example's request is the
+    one that loads it, so its status logs must say so."""
+    from ember.specs.demo_lora import build_tiny_sd15
+
+    directory = stack_settings.lora_models_dir / "tiny-sd15-first-use"
+    build_tiny_sd15(directory)
     return str(directory.resolve())
 
 
@@ -66,10 +75,10 @@ def _download(url: str, cafile: str) -> Image.Image:
     return image
 
 
-def test_seed_example_through_fal_client(fal_client: ModuleType, client_env, tiny_model: str) -> None:
+def test_seed_example_through_fal_client(fal_client: ModuleType, client_env, first_use_model: str) -> None:
     arguments = {
         **SEED_EXAMPLE,
-        "model_name": tiny_model,
+        "model_name": first_use_model,
         "image_size": {"width": 128, "height": 96},
         "num_inference_steps": 4,
         "seed": 11,
