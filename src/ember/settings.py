@@ -140,7 +140,8 @@ class Settings:
     # Any other local path is refused: a request must never make the server read arbitrary paths.
     lora_max_models: int = 2
     lora_model_root: str = ""
-    # fal-ai/lora `model_name` as a URL to a single-file .safetensors checkpoint: the gateway streams it into
+    # fal-ai/lora `model_name` (also `unet_name`, `ic_light_model_url`) as a URL to a single-file .safetensors
+    # checkpoint: the gateway streams it into
     # <lora model root>/checkpoints/<sha256>.safetensors (shared with Triton), at most this large and long.
     checkpoint_max_bytes: int = 16 * 1024**3
     checkpoint_timeout: float = 3600.0

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from ember.pipeline import Text2ImageRequest
 
 

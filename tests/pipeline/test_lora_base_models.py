@@ -1,7 +1,7 @@
 """fal-ai/lora base models (ember.pipeline.base_models) on tiny SD1.5 weights: a single-file checkpoint
 (the diffusers directory written in the original LDM layout, tests/single_file_checkpoint.py) serves the
 same images as the directory; `variant` and `unet_name` are honoured (vs diffusers' own pipeline loading
-them); SDXL weights are refused naming model_name; the onnxruntime path exports once, is warm after,
+them); SDXL single-file checkpoints are refused naming model_name; the onnxruntime path exports once, is warm after,
 stays within 1 uint8 level of torch, and follows the LRU bound."""
 
 from __future__ import annotations
@@ -110,16 +110,10 @@ def test_sdxl_weights_are_refused_naming_model_name(settings, root, tmp_path):
     ]
     save_file({name: torch.zeros(2) for name in names}, str(sdxl))
     assert checkpoint_family(names) == "sdxl"
-    # Directory: the tiny SDXL stand-in (two text encoders, text_time UNet).
-    from ember.specs.demo_sdxl import build_tiny_lcm_sdxl
-
-    sdxl_dir = build_tiny_lcm_sdxl(root / "tiny-sdxl")
-    for source in (sdxl, sdxl_dir):
-        (result,) = pipeline(
-            [LoraRequest(model=ModelRef(str(source)), prompt="x", seed=0, width=64, height=64)]
-        )
-        assert result.images is None
-        assert result.error.startswith("model_name:") and "SDXL" in result.error, result.error
+    # (SDXL diffusers directories are served: tests/pipeline/test_lora_sdxl.py)
+    (result,) = pipeline([LoraRequest(model=ModelRef(str(sdxl)), prompt="x", seed=0, width=64, height=64)])
+    assert result.images is None
+    assert result.error.startswith("model_name:") and "SDXL" in result.error, result.error
     with pytest.raises(ValueError, match="not a Stable Diffusion single-file checkpoint"):
         checkpoint_family(["lora_unet_down_blocks_0.alpha"])
 

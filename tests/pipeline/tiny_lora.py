@@ -40,3 +40,34 @@ def make_lora(
                     value.mul_(strength)
     LatentConsistencyModelPipeline.save_lora_weights(out, safe_serialization=True, **layers)
     return out / "pytorch_lora_weights.safetensors"
+
+
+def make_xl_lora(source: Path | str, out: Path, seed: int, rank: int = 4, strength: float = 4.0) -> Path:
+    """make_lora for an SDXL model: the UNet's attention projections and both text encoders' q/v, saved
+    with StableDiffusionXLPipeline.save_lora_weights (unet / text_encoder / text_encoder_2 prefixes, as
+    SDXL LoRA files on the hub are once diffusers normalized them)."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(source, add_watermarker=False)
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(
+        LoraConfig(
+            r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
+        )
+    )
+    layers = {"unet_lora_layers": get_peft_model_state_dict(pipe.unet)}
+    for name in ("text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name)
+        module.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
+        layers[f"{name}_lora_layers"] = get_peft_model_state_dict(module)
+    with torch.no_grad():
+        for state in layers.values():
+            for key, value in state.items():
+                if "lora_B" in key:
+                    value.mul_(strength)
+    StableDiffusionXLPipeline.save_lora_weights(out, safe_serialization=True, **layers)
+    return out / "pytorch_lora_weights.safetensors"

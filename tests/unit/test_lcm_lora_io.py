@@ -40,18 +40,24 @@ def test_gateway_fetches_the_file_and_sends_bytes_and_scale() -> None:
     ("fields", "loc"),
     [
         ({"lora_url": "file:///etc/passwd"}, ("body", "lora_url")),
-        ({"lora_url": "https://example.com/l.safetensors", "model": "sdxl"}, ("body", "lora_url")),
         (
             {"lora_url": "https://example.com/l.safetensors", "lora_scale": float("inf")},
             ("body", "lora_scale"),
         ),
     ],
-    ids=["not-http", "sdxl", "infinite-scale"],
+    ids=["not-http", "infinite-scale"],
 )
 def test_gateway_refuses_by_field(fields: dict, loc: tuple) -> None:
     with pytest.raises(InputError) as info:
         LcmEndpoint().check(LcmInput(prompt="a cat", **fields))
     assert info.value.loc == loc
+
+
+def test_lora_with_controlnet_inpaint_is_accepted() -> None:
+    """Served since the LoRA is fused into the ControlNet-steered UNet too (tests/pipeline/test_lcm_controlnet_lora)."""
+    urls = {"image_url": "https://example.com/i.png", "mask_url": "https://example.com/m.png"}
+    inp = LcmInput(prompt="a cat", lora_url="https://example.com/l.safetensors", controlnet_inpaint=True, **urls)
+    LcmEndpoint().check(inp)
 
 
 def test_model_parses_the_file_once_per_content() -> None:

@@ -84,12 +84,18 @@ def test_model_name_accepts_checkpoint_urls_and_files(tmp_path: Path) -> None:
         check_model_name("https://example.com/m.safetensors", ("body", "unet_name"), root)
     with pytest.raises(InputError, match="under"):
         check_model_name(str(tmp_path / "elsewhere.safetensors"), LOC, root, single_file=True)
-    # An SDXL directory is refused at submit time, naming model_name.
+    # An SDXL directory is served (ember.pipeline.lora_xl); what it does not serve yet is refused by field.
     (root / "xl").mkdir()
     (root / "xl" / "model_index.json").write_text(json.dumps({"text_encoder_2": ["transformers", "X"]}))
-    with pytest.raises(InputError, match="SDXL") as info:
-        check_model_name(str(root / "xl"), LOC, root, single_file=True)
-    assert info.value.loc == LOC
+    check_model_name(str(root / "xl"), LOC, root, single_file=True)
+    from ember.endpoints.lora.schema import LoraInput
+    from ember.endpoints.lora.translate import check_sdxl_fields
+
+    check_sdxl_fields(LoraInput(prompt="x", model_name=str(root / "xl")), root)
+    for field, value in (("prompt_weighting", True), ("unet_name", "owner/unet")):
+        with pytest.raises(InputError, match="SDXL") as info:
+            check_sdxl_fields(LoraInput(prompt="x", model_name=str(root / "xl"), **{field: value}), root)
+        assert info.value.loc == ("body", field)
 
 
 def test_family_from_tensor_names() -> None:

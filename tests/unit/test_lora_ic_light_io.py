@@ -1,13 +1,22 @@
 """fal-ai/lora IC-Light fields: which combinations the gateway accepts (fal's doc: model + image, plus a
-background for 'fbc' models), OPTIONS / LORA_FILES / MEDIA as to_triton sends them, and the Triton side's
-parse_ic_light reading them back."""
+background for 'fbc' models), OPTIONS / MEDIA as to_triton sends them (the offset file as a path in the
+shared checkpoint directory, never as bytes), the Triton side's parse_ic_light reading them back, and the
+gateway streaming a file larger than the in-memory weights cap (real fetcher, real socket on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
+from PIL import Image
+from safetensors.numpy import save as save_numpy
 
 from ember.endpoints.common import InputError
 from ember.endpoints.lora.schema import LoraInput
@@ -46,8 +55,16 @@ def test_incomplete_or_unsupported_combinations_are_422(fields: dict, loc: str) 
     assert info.value.loc[:2] == ("body", loc), info.value.detail()
 
 
+def _stored(root: Path, content: bytes = b"offsets") -> Path:
+    """A file where the gateway stores offset files: <root>/checkpoints/<sha256>.safetensors."""
+    path = root / "checkpoints" / f"{hashlib.sha256(content).hexdigest()}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
 @pytest.mark.parametrize("background", [False, True])
-def test_to_triton_and_back(background: bool) -> None:
+def test_to_triton_and_back(background: bool, tmp_path: Path) -> None:
     fields = {"ic_light_model_url": MODEL, "ic_light_image_url": IMAGE}
     if background:
         fields["ic_light_model_background_image_url"] = BG
@@ -56,16 +73,17 @@ def test_to_triton_and_back(background: bool) -> None:
     fg = np.full((8, 6, 3), 7, np.uint8)
     bg = np.full((5, 9, 3), 9, np.uint8)
     media = [fg, bg] if background else [fg]
+    stored = _stored(tmp_path)
     loaded = {
-        "ic_light": {"weights": b"offsets", "image": 0, "background": 1 if background else None},
+        "ic_light": {"path": str(stored), "image": 0, "background": 1 if background else None},
         "media": media,
     }
     tensors = LoraEndpoint().to_triton(inp, seed=1, loaded=loaded)
     options = json.loads(tensors["OPTIONS"][0, 0])
-    blobs = list(tensors["LORA_FILES"].reshape(-1))
-    assert blobs[options["ic_light"]["file"]] == b"offsets"
-    parsed = parse_ic_light(options["ic_light"], blobs, lambda i, what: media_array(tensors, i, what))
-    assert parsed.weights == b"offsets" and np.array_equal(parsed.image, fg)
+    assert "LORA_FILES" not in tensors and options["ic_light"]["path"] == str(stored)
+    parsed = parse_ic_light(options["ic_light"], tmp_path, lambda i, what: media_array(tensors, i, what))
+    assert parsed.path == str(stored) and parsed.digest == hashlib.sha256(b"offsets").hexdigest()
+    assert np.array_equal(parsed.image, fg)
     assert (parsed.background is not None) == background
     if background:
         assert np.array_equal(parsed.background, bg)
@@ -73,15 +91,115 @@ def test_to_triton_and_back(background: bool) -> None:
         LoraEndpoint().to_triton(inp, seed=1, loaded={})
 
 
-def test_plain_requests_carry_no_ic_light() -> None:
+def test_plain_requests_carry_no_ic_light(tmp_path: Path) -> None:
     options = json.loads(LoraEndpoint().to_triton(_input(), seed=1)["OPTIONS"][0, 0])
     assert options["ic_light"] is None
-    assert parse_ic_light(None, [], lambda i, what: None) is None
+    assert parse_ic_light(None, tmp_path, lambda i, what: None) is None
 
 
-def test_parse_names_what_is_wrong() -> None:
-    with pytest.raises(ValueError, match="LORA_FILES holds 0"):
-        parse_ic_light({"file": 0, "image": 0}, [], lambda i, what: None)
+def test_parse_names_what_is_wrong(tmp_path: Path) -> None:
+    stored = _stored(tmp_path)
+    elsewhere = tmp_path / stored.name
+    elsewhere.write_bytes(b"offsets")
+    renamed = stored.parent / "offsets.safetensors"
+    renamed.write_bytes(b"offsets")
+    for path, message in (
+        (None, "expected the offset file's path"),
+        (str(elsewhere), "must be <sha256>.safetensors in"),  # outside <root>/checkpoints
+        (str(renamed), "must be <sha256>.safetensors in"),  # not named by its digest
+        (str(stored.parent / ("0" * 64 + ".safetensors")), "deleted"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            parse_ic_light({"path": path, "image": 0}, tmp_path, lambda i, what: None)
     gray = np.zeros((4, 4), np.uint8)
     with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
-        parse_ic_light({"file": 0, "image": 0}, [b"x"], lambda i, what: gray)
+        parse_ic_light({"path": str(stored), "image": 0}, tmp_path, lambda i, what: gray)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    routes: ClassVar[dict[str, bytes]] = {}
+    hits: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.hits.append(self.path)
+        body = self.routes.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+async def test_offset_files_above_the_weights_cap_stream_to_disk_once(tmp_path: Path) -> None:
+    """The gateway's real media loader with the in-memory weights cap lowered below the file's size (as a
+    1.7 GB IC-Light file is above the 512 MiB one): the file streams into the checkpoint directory by
+    content, OPTIONS carries its path, LORA_FILES carries nothing; the same URL again lands on the same
+    stored file; non-UNet files are refused at the field."""
+    from ember.gateway.checkpoints import SUBDIR, CheckpointCache
+    from ember.gateway.fetcher import Fetcher, FetchPolicy
+    from ember.gateway.inputs import GatewayMedia
+    from ember.settings import Settings
+
+    offsets = save_numpy(
+        {"conv_in.weight": np.ones((4, 8, 3, 3), np.float32), "conv_in.bias": np.zeros(4, np.float32)}
+    )
+    png = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(png, format="PNG")
+    _Handler.routes.update(
+        {
+            "/fc.safetensors": offsets,
+            "/fg.png": png.getvalue(),
+            "/lora.safetensors": save_numpy({"x": np.ones(2)}),
+        }
+    )
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        settings = Settings(
+            lora_model_root=str(tmp_path), weights_max_bytes=256, checkpoint_max_bytes=1 << 20
+        )
+        assert len(offsets) > settings.weights_max_bytes  # media.weights would refuse this file
+        fetcher = Fetcher(FetchPolicy(allow=("127.0.0.1/32",)))
+        checkpoints = CheckpointCache(
+            fetcher,
+            None,
+            settings.lora_models_dir / SUBDIR,
+            max_bytes=settings.checkpoint_max_bytes,
+            timeout_s=10,
+        )
+        media = GatewayMedia(
+            fetcher,
+            None,
+            (),
+            max_image_bytes=1 << 20,
+            max_weights_bytes=settings.weights_max_bytes,
+            checkpoints=checkpoints,
+        )
+        with pytest.raises(InputError, match="larger than 256"):
+            await media.weights(f"{base}/fc.safetensors", ("body", "ic_light_model_url"))
+        inp = _input(ic_light_model_url=f"{base}/fc.safetensors", ic_light_image_url=f"{base}/fg.png")
+        sent = []
+        for _ in range(2):
+            loaded = await LoraEndpoint().load(inp, media)
+            tensors = LoraEndpoint().to_triton(inp, seed=1, loaded=loaded)
+            assert "LORA_FILES" not in tensors  # the offsets never travel as bytes
+            assert offsets not in [bytes(b) for b in tensors["MEDIA"].reshape(-1)]
+            sent.append(json.loads(tensors["OPTIONS"][0, 0])["ic_light"])
+        assert sent[0] == sent[1]
+        stored = Path(sent[0]["path"])
+        assert (
+            stored.read_bytes() == offsets
+            and stored.name == f"{hashlib.sha256(offsets).hexdigest()}.safetensors"
+        )
+        assert [p.name for p in stored.parent.iterdir()] == [stored.name]  # stored once, nothing half-written
+        parsed = parse_ic_light(sent[0], tmp_path, lambda i, what: media_array(tensors, i, what))
+        assert parsed.tensors()["conv_in.weight"].shape == (4, 8, 3, 3)
+        bad = _input(ic_light_model_url=f"{base}/lora.safetensors", ic_light_image_url=f"{base}/fg.png")
+        with pytest.raises(InputError, match="not a UNet weight file") as info:
+            await LoraEndpoint().load(bad, media)
+        assert info.value.loc[:2] == ("body", "ic_light_model_url")
+    finally:
+        httpd.shutdown()

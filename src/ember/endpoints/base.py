@@ -49,9 +49,10 @@ class MediaLoader(Protocol):
         """A safetensors file, its header parsed and checked; anything else (pickle, zip, torch) refused."""
         ...
 
-    async def checkpoint(self, url: str, loc: Loc) -> str:
+    async def checkpoint(self, url: str, loc: Loc, *, kind: str = "model") -> str:
         """A single-file model checkpoint (GBs: streamed to disk, checked like `weights`, stored by
-        sha256 where the Triton side reads it): its absolute path."""
+        sha256 where the Triton side reads it): its absolute path. `kind`: "model" (a full SD checkpoint)
+        or "unet" (UNet weights only: a single-file UNet, an IC-Light offset file)."""
         ...
 
 In = TypeVar("In", bound=BaseModel)

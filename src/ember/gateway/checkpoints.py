@@ -1,11 +1,13 @@
-"""Single-file model checkpoints named by URL (fal-ai/lora `model_name`): streamed to disk, never held in
-memory or sent through a Triton tensor (they are GBs).
+"""Single-file model checkpoints named by URL (fal-ai/lora `model_name`; UNet-only files: `unet_name` and
+the IC-Light offsets of `ic_light_model_url`): streamed to disk, never held in memory or sent through a
+Triton tensor (they are GBs).
 
 The URL goes through the SSRF-safe fetcher (or, for the gateway's own file URLs such as fal storage
 uploads, is copied from the file store) chunk by chunk into a temporary file under
 `<EMBER_LORA_MODEL_ROOT>/checkpoints/`, hashed on the way. It is then checked as safetensors from its
 header alone (pickles and malformed layouts refused, as for every weight file), its family read from the
-tensor names (SDXL / SD 2.x refused by name until served), and renamed to `<sha256>.safetensors`: the
+tensor names (SDXL / SD 2.x refused by name until served; UNet-only files: UNet key names required,
+ember.specs.checkpoint_keys.unet_file_layout), and renamed to `<sha256>.safetensors`: the
 same content arriving from any URL is stored once, and the Triton side (which shares the directory) keys
 its conversion and export caches by that digest. The Triton model receives the file's path as MODEL_NAME.
 
@@ -25,7 +27,7 @@ from typing import Any
 from ember.endpoints.common import InputError, Loc
 from ember.gateway.fetcher import Fetcher, FetchError
 from ember.gateway.weights import check_safetensors_file
-from ember.specs.checkpoint_keys import checkpoint_family, refusal
+from ember.specs.checkpoint_keys import checkpoint_family, refusal, unet_file_layout
 
 SUBDIR = "checkpoints"
 
@@ -40,8 +42,12 @@ class CheckpointCache:
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
 
-    async def fetch(self, url: str, loc: Loc, own_name: str | None = None) -> Path:
-        """The checked checkpoint `url` names, as `<directory>/<sha256>.safetensors`; InputError at `loc`."""
+    async def fetch(self, url: str, loc: Loc, own_name: str | None = None, kind: str = "model") -> Path:
+        """The checked checkpoint `url` names, as `<directory>/<sha256>.safetensors`; InputError at `loc`.
+        `kind`: "model" (a full SD checkpoint, family checked) or "unet" (UNet weights only: a single-file
+        UNet or an IC-Light offset file, in diffusers or LDM key names)."""
+        if kind not in ("model", "unet"):
+            raise ValueError(f"unknown checkpoint kind {kind!r}")
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=".partial-", suffix=".safetensors", dir=self.directory)
         tmp = Path(tmp_name)
@@ -64,10 +70,10 @@ class CheckpointCache:
                         raise InputError(loc, exc.msg, exc.kind) from None
             target = self.directory / f"{digest.hexdigest()}.safetensors"
             if not target.is_file():
-                await asyncio.to_thread(self._check, tmp, loc)
+                await asyncio.to_thread(self._check, tmp, loc, kind)
                 os.replace(tmp, target)
             else:
-                await asyncio.to_thread(self._check, target, loc)  # cheap: the header only
+                await asyncio.to_thread(self._check, target, loc, kind)  # cheap: the header only
             return target
         finally:
             tmp.unlink(missing_ok=True)
@@ -84,8 +90,14 @@ class CheckpointCache:
                 out.write(block)
 
     @staticmethod
-    def _check(path: Path, loc: Loc) -> None:
+    def _check(path: Path, loc: Loc, kind: str = "model") -> None:
         weights = check_safetensors_file(path, loc)
+        if kind == "unet":
+            try:
+                unet_file_layout(weights.tensors)
+            except ValueError as exc:
+                raise InputError(loc, str(exc), "invalid_weights") from None
+            return
         try:
             family = checkpoint_family(weights.tensors)
         except ValueError as exc:

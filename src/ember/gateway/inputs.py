@@ -84,12 +84,12 @@ class GatewayMedia:
         except ImageInputError as exc:
             raise InputError(loc, exc.msg, exc.kind) from None
 
-    async def checkpoint(self, url: str, loc: Loc) -> str:
+    async def checkpoint(self, url: str, loc: Loc, *, kind: str = "model") -> str:
         """A single-file model checkpoint streamed to the shared checkpoint directory (ember.gateway.checkpoints):
-        its absolute path, named by its sha256."""
+        its absolute path, named by its sha256. `kind` "unet": UNet weights only (CheckpointCache.fetch)."""
         if self.checkpoints is None:
             raise InputError(loc, "this gateway does not fetch model checkpoints", "not_supported")
-        path = await self.checkpoints.fetch(url, loc, own_name=self.own_file(url))
+        path = await self.checkpoints.fetch(url, loc, own_name=self.own_file(url), kind=kind)
         return str(path)
 
     async def weights(self, url: str, loc: Loc) -> WeightsFile:

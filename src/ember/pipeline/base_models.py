@@ -6,8 +6,9 @@
    header, no tensor loaded), its diffusers config is picked by shapes from the local config directories
    (no hub: `ember/specs/single_file_configs/` plus any under `<root>/single-file-configs/`), and it is
    converted once with diffusers' `from_single_file` into a diffusers directory cached by content digest.
-2. SDXL (and SD 2.x) weights, as a directory or a single file, are refused naming model_name until this
-   endpoint serves them.
+2. SDXL diffusers directories (a local one or an HF snapshot) run as StableDiffusionXLPipeline on the
+   torch runtime (ember.pipeline.lora_xl, which loads them itself); SDXL single-file checkpoints and SD 2.x
+   weights are refused naming model_name.
 3. Runners: torch loads the directory directly; onnxruntime (models.toml `[lora.sdv1-5] runtime`) exports
    text encoder, UNet and VAE decoder once through ember.specs.artifacts, keyed by the model's content (or
    HF snapshot), its variant and custom UNet, precision, opset and torch/onnx/onnxruntime versions. The
@@ -189,8 +190,65 @@ def convert_single_file(settings: Settings, path: Path, log: Log = _nothing) -> 
     return target
 
 
+def convert_single_file_unet(settings: Settings, path: Path, config_dir: Path, log: Log = _nothing) -> Path:
+    """The diffusers directory of a UNet-only single file (`unet_name` as a URL: LDM names under
+    `model.diffusion_model.` / `diffusion_model.`, or diffusers' own names), converted with diffusers'
+    UNet2DConditionModel.from_single_file against the base model's own UNet config (`config_dir`: the UNet
+    replaces that one, so it must share its architecture) and cached under
+    <export_dir>/lora-single-file-unet/<file sha256>-<config sha256[:16]>/. ValueError when it does not fit."""
+    from ember.specs.artifacts import _exclusive
+    from ember.specs.checkpoint_keys import LDM_UNET_PREFIXES, unet_file_layout
+
+    shapes = checkpoint_shapes(path)
+    try:
+        layout = unet_file_layout(shapes)
+    except ValueError as exc:
+        raise ValueError(f"unet_name: {exc}") from None
+    config = (config_dir / "config.json").read_bytes()
+    key = f"{file_digest(path)}-{hashlib.sha256(config).hexdigest()[:16]}"
+    target = settings.export_dir / "lora-single-file-unet" / key
+    if (target / "config.json").is_file():
+        return target
+    with _exclusive(settings.export_dir / "lora-single-file-unet.lock"):
+        if (target / "config.json").is_file():  # another process converted it meanwhile
+            return target
+        from diffusers import UNet2DConditionModel
+        from safetensors.torch import load_file
+
+        log(f"converting single-file UNet {path.stem[:12]} ({layout} key names) to diffusers format")
+        tensors = load_file(str(path))
+        if layout == "ldm":  # from_single_file's converter reads "model.diffusion_model.<ldm name>"
+            tensors = {
+                (k if k.startswith(LDM_UNET_PREFIXES[0]) else "model." + k): v
+                for k, v in tensors.items()
+                if k.startswith(LDM_UNET_PREFIXES)
+            }
+        try:
+            unet = UNet2DConditionModel.from_single_file(
+                tensors, config=str(config_dir), local_files_only=True
+            )
+        except (KeyError, IndexError, ValueError, RuntimeError) as exc:  # a key or shape the base UNet lacks
+            raise ValueError(
+                f"unet_name: this UNet file does not fit the base model's UNet architecture: {exc}"
+            ) from None
+        unloaded = [name for name, p in unet.named_parameters() if p.device.type == "meta"]
+        if unloaded:
+            raise ValueError(
+                f"unet_name: the UNet file lacks {len(unloaded)} of the base UNet's weights "
+                f"(e.g. {unloaded[:2]}); send a complete SD1.5 UNet"
+            )
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.stem[:12]}-", dir=_mkdir(target.parent)))
+        try:
+            unet.save_pretrained(staging / "unet", safe_serialization=True)
+            os.replace(staging / "unet", target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def prepare(settings: Settings, ref: Any, log: Log = _nothing) -> Any:
-    """`ref` (a ModelRef) with single-file checkpoints converted to directories; SDXL/SD2 refused."""
+    """`ref` (a ModelRef) with single-file checkpoints (model_name, unet_name) converted to directories;
+    SDXL/SD2 refused."""
     import dataclasses
 
     source = Path(ref.source)
@@ -198,6 +256,9 @@ def prepare(settings: Settings, ref: Any, log: Log = _nothing) -> Any:
         ref = dataclasses.replace(ref, source=str(convert_single_file(settings, source, log)))
     else:
         refuse_family(directory_family(ref.source), f"model_name {ref.source!r}")
+    if ref.unet and Path(ref.unet).is_file():
+        unet = convert_single_file_unet(settings, Path(ref.unet), Path(ref.source) / "unet", log)
+        ref = dataclasses.replace(ref, unet=str(unet))
     return ref
 
 

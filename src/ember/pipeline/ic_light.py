@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,29 +43,66 @@ from ember.runtime import Runner
 IC_LIGHT_KINDS = {8: "fc (foreground)", 12: "fbc (foreground and background)"}
 
 
+# where the gateway streams offset files (ember.gateway.checkpoints.SUBDIR)
+CHECKPOINTS_SUBDIR = "checkpoints"
+_STORED_NAME = re.compile(r"[0-9a-f]{64}\.safetensors")  # <sha256>.safetensors
+
+
 @dataclass(frozen=True)
 class IcLightInput:
-    """One request's IC-Light: the offset file (safetensors bytes), the foreground image and, for an "fbc"
-    file, the background image, both (H, W, 3) uint8 RGB."""
+    """One request's IC-Light: the offset file, either on disk (`path`, as the gateway sends it: stored by
+    content, `digest` its sha256 from the name) or in memory (`weights`, safetensors bytes; direct callers),
+    the foreground image and, for an "fbc" file, the background image, both (H, W, 3) uint8 RGB."""
 
     weights: bytes = field(repr=False)
     image: np.ndarray = field(repr=False, compare=False)
     background: np.ndarray | None = field(default=None, repr=False, compare=False)
     digest: str = ""
+    path: str = ""
 
     @staticmethod
     def of(weights: bytes, image: np.ndarray, background: np.ndarray | None = None) -> IcLightInput:
         return IcLightInput(weights, image, background, hashlib.sha256(weights).hexdigest())
 
+    @staticmethod
+    def at(path: str | Path, image: np.ndarray, background: np.ndarray | None = None) -> IcLightInput:
+        """A stored offset file `<sha256>.safetensors` (its name is its digest: the gateway named it so)."""
+        return IcLightInput(b"", image, background, Path(path).stem, str(path))
 
-def parse_ic_light(entry: Any, blobs: list, media: Any) -> IcLightInput | None:
-    """OPTIONS "ic_light": {"file": LORA_FILES index, "image": MEDIA index, "background": MEDIA index | null}
-    (ember.endpoints.lora.ic_light); `media(index, what)` reads a MEDIA array. ValueError names the bad part."""
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The offset tensors, read when a patched UNet is built (once per base model and digest)."""
+        from safetensors.torch import load, load_file
+
+        return load_file(self.path) if self.path else load(self.weights)
+
+
+def stored_offset_file(value: Any, root: Path) -> Path:
+    """The offset file OPTIONS.ic_light.path names: `<root>/checkpoints/<sha256>.safetensors`, nothing else
+    (the directory the gateway streams into). ValueError says why not."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"OPTIONS.ic_light.path = {value!r}: expected the offset file's path")
+    path = Path(value).resolve()
+    allowed = (root / CHECKPOINTS_SUBDIR).resolve()
+    if path.parent != allowed or not _STORED_NAME.fullmatch(path.name):
+        raise ValueError(
+            f"OPTIONS.ic_light.path: IC-Light files must be <sha256>.safetensors in {allowed} "
+            "(the gateway streams ic_light_model_url there)"
+        )
+    if not path.is_file():
+        raise ValueError(
+            f"OPTIONS.ic_light.path: {path.name} is not in {allowed} (deleted?); send the URL again"
+        )
+    return path
+
+
+def parse_ic_light(entry: Any, root: Path, media: Any) -> IcLightInput | None:
+    """OPTIONS "ic_light": {"path": stored offset file, "image": MEDIA index, "background": MEDIA index |
+    null} (ember.endpoints.lora.ic_light); `root` is EMBER_LORA_MODEL_ROOT, `media(index, what)` reads a
+    MEDIA array. ValueError names the bad part."""
     if entry is None:
         return None
-    index = entry.get("file") if isinstance(entry, dict) else None
-    if not isinstance(index, int) or not 0 <= index < len(blobs):
-        raise ValueError(f"OPTIONS.ic_light.file = {index!r}, but LORA_FILES holds {len(blobs)} file(s)")
+    entry = entry if isinstance(entry, dict) else {}  # anything else has no path: refused below
+    path = stored_offset_file(entry.get("path"), root)
     images = []
     for name in ("image", "background"):
         if entry.get(name) is None:
@@ -75,7 +114,7 @@ def parse_ic_light(entry: Any, blobs: list, media: Any) -> IcLightInput | None:
         images.append(image)
     if images[0] is None:
         raise ValueError("OPTIONS.ic_light: no foreground image")
-    return IcLightInput.of(bytes(blobs[index]), images[0], images[1])
+    return IcLightInput.at(path, images[0], images[1])
 
 
 def check_ic_light(request: Any) -> list[str]:
@@ -197,14 +236,12 @@ class IcLightStage:
         key = (model.source, ic_light.digest)
         runner = self._unets.get(key)
         if runner is None:
-            from safetensors.torch import load
-
             from ember.runtime.torch_runner import TorchRunner
             from ember.specs.ic_light import IC_LIGHT_UNET, IcLightUNet
 
             base = self._base(model)
             try:
-                tensors = load(ic_light.weights)
+                tensors = ic_light.tensors()
             except Exception as exc:
                 raise ValueError(f"ic_light_model_url: not a safetensors file: {exc}") from exc
             module = IcLightUNet(patch_unet(base, offsets_in_diffusers_keys(tensors, dict(base.config))))

@@ -228,9 +228,6 @@ class LcmPipeline:
             problems.append("enable_safety_checks: no safety checker is loaded on this server")
         if request.controlnet_inpaint and self.inpaint_control is None:
             problems.append("controlnet_inpaint: this pipeline was built without the inpaint ControlNet")
-        if request.controlnet_inpaint and request.loras:
-            # lcm_lora fuses into the plain UNet, not the controlled_unet export: refused, never ignored
-            problems.append("controlnet_inpaint together with a LoRA is not supported yet by this server")
         problems.extend(self.loras.problems(request))
         return problems
 
@@ -335,6 +332,8 @@ class LcmPipeline:
         # 5. Initial latents (k, C, h, w), the text embedding per image (k, 77, D), the guidance
         #    embedding (k, time_cond_proj_dim); with controlnet_inpaint, each request's control image
         control = self.inpaint_control() if first.controlnet_inpaint and self.inpaint_control else None
+        if control is not None:  # the group's LoRA set (or the base) in the ControlNet-steered UNet too
+            self.loras.apply_controlled(control.unet, first.loras)
         slots = []
         for index, request in batch.items():
             scheduler, generator, k = schedulers[index], generators[index], request.num_images

@@ -91,7 +91,8 @@ class InpaintControlLoader:
             specs = {s.name: s for s in family_spec(key["family"], key["variant"]).load_networks()}
             (controlnet_spec,) = family_spec(*INPAINT_CONTROLNET).load_networks()
             self._loaded = InpaintControl(
-                unet=create_runner(self.settings, self.base, specs["controlled_unet"]),
+                # refittable: lora_url fuses the LoRA's UNet part into it too (LcmLoras.apply_controlled)
+                unet=create_runner(self.settings, self.base, specs["controlled_unet"], refittable=True),
                 controlnet=create_runner(self.settings, controlnet, controlnet_spec),
                 controlled=Controlled(unet_config),
             )

@@ -23,10 +23,11 @@ import torch
 from transformers import AutoTokenizer
 
 from ember.pipeline.lcm import LcmPipeline
+from ember.pipeline.lcm_lora import LcmLoras
 from ember.pipeline.requests import Text2ImageRequest
 from ember.pipeline.safety import SafetyChecker
 from ember.pipeline.schedulers import load_scheduler_config, strength_timesteps
-from ember.pipeline.sdxl import XLTextEncoders, add_time_ids, check_added_conditions
+from ember.pipeline.sdxl import XLTextEncoders, add_time_ids, check_added_conditions, penultimate_inert
 from ember.runtime import Runner, create_runner
 from ember.settings import Settings
 from ember.specs.artifacts import Artifacts, family_spec
@@ -49,10 +50,19 @@ class LcmXLPipeline(LcmPipeline):
         text_encoder_2: Runner,
         tokenizer_2: Any,
         pooled_dim: int,
+        text_encoder_layers: int,
         **components: Any,
     ):
         super().__init__(**components)
         self.encoders = XLTextEncoders(self.text_encoder, self.tokenizer, text_encoder_2, tokenizer_2)
+        # lora_url: SDXL LoRAs carry both encoders' weights and the UNet's (ember.pipeline.lcm_lora)
+        self.loras = LcmLoras(
+            self.text_encoder,
+            self.unet,
+            self.model,
+            text_encoder_2=text_encoder_2,
+            inert={"text_encoder": penultimate_inert(text_encoder_layers)},
+        )
         check_added_conditions(components["unet_config"], pooled_dim)
         self._time_ids: dict[tuple[int, int], torch.Tensor] = {}  # (height, width) -> (1, 6)
 
@@ -62,12 +72,17 @@ class LcmXLPipeline(LcmPipeline):
     ) -> LcmXLPipeline:
         key = artifacts.manifest["key"]
         specs = {s.name: s for s in family_spec(key["family"], key["variant"]).load_networks()}
-        runners = {name: create_runner(settings, artifacts, spec) for name, spec in specs.items()}
+        # refittable: lora_url fuses LoRAs into the two text encoders and the UNet (ember.pipeline.lcm_lora)
+        refit = {"text_encoder", "text_encoder_2", "unet"}
+        runners = {
+            name: create_runner(settings, artifacts, spec, refittable=name in refit) for name, spec in specs.items()
+        }
         return cls(
             **runners,
             tokenizer=AutoTokenizer.from_pretrained(artifacts.tokenizer_dir),
             tokenizer_2=AutoTokenizer.from_pretrained(artifacts.path / "tokenizer_2"),
             pooled_dim=int(artifacts.config("text_encoder_2")["projection_dim"]),
+            text_encoder_layers=int(artifacts.config("text_encoder")["num_hidden_layers"]),
             scheduler_config=load_scheduler_config(artifacts.scheduler_dir),
             unet_config=artifacts.config("unet"),
             vae_config=artifacts.config("vae"),

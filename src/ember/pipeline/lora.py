@@ -1,5 +1,6 @@
 """fal-ai/lora text-to-image on any Stable Diffusion 1.5 base model, as diffusers' StableDiffusionPipeline
-(classifier-free guidance, any of fal's 11 schedulers, clip_skip, LoRAs fused by weight refit, tiled decode).
+(classifier-free guidance, any of fal's 11 schedulers, clip_skip, LoRAs fused by weight refit, tiled decode),
+and on SDXL base directories as StableDiffusionXLPipeline (ember.pipeline.lora_xl: same loop and stages).
 
 Base models are named per request (HF id, a local directory, or a single-file checkpoint the gateway
 fetched; ember.pipeline.base_models) and loaded on first use; at most
@@ -28,6 +29,7 @@ from ember.pipeline.ic_light import IcLightInput, IcLightStage, check_ic_light
 from ember.pipeline.ip_adapter import IPAdapterRequest, IPAdapterStage
 from ember.pipeline.latents import initial_latents
 from ember.pipeline.lora_controlnets import ControlNetInput, ControlNets, check_controlnets
+from ember.pipeline.lora_xl import XLBaseModel, is_xl_directory
 from ember.pipeline.loras import LoraFile, LoraState
 from ember.pipeline.requests import StepCallback
 from ember.pipeline.schedulers import fal_scheduler_config, new_scheduler_with
@@ -239,7 +241,9 @@ class LoraText2ImagePipeline:
         while len(self._models) >= self.max_models:
             evicted, _ = self._models.popitem(last=False)
             log(f"unloading base model {evicted.source} (EMBER_LORA_MAX_MODELS={self.max_models})")
-        model = self._models[ref] = BaseModel(self.settings, ref, log)
+        # SDXL directories run as StableDiffusionXLPipeline (ember.pipeline.lora_xl), the rest as SD1.5
+        loader = XLBaseModel if is_xl_directory(ref.source) else BaseModel
+        model = self._models[ref] = loader(self.settings, ref, log)
         log(f"base model {ref.source} loaded in {time.perf_counter() - start:.1f}s")
         return model
 
@@ -264,7 +268,8 @@ class LoraText2ImagePipeline:
             try:
                 model = self.model(requests[first].model, lambda message, i=first: on_log(i, message))
             except (OSError, ValueError) as exc:  # not a loadable SD1.5 model: those requests' error
-                results.update({i: LoraResult(None, [], {}, error=f"model_name: {exc}") for i in indices})
+                why = str(exc) if str(exc).startswith("unet_name:") else f"model_name: {exc}"  # the field
+                results.update({i: LoraResult(None, [], {}, error=why) for i in indices})
                 continue
             results.update(self._run_batch(model, {i: requests[i] for i in indices}, on_step, on_log))
         return [results[i] for i in range(len(requests))]
@@ -360,6 +365,8 @@ class LoraText2ImagePipeline:
 
     def _slot(self, model: BaseModel, index: int, r: LoraRequest, h: int, w: int) -> GuidedSlot:
         """One request's prompt embeddings, its own scheduler and generator, and initial noise (k, C, h, w)."""
+        if isinstance(model, XLBaseModel):  # both encoders, pooled embeds and time ids (ember.pipeline.lora_xl)
+            return model.slot(index, r, h, w)
         device = model.unet.device
         do_cfg = uses_cfg(r.guidance_scale)
         prompts = [r.negative_prompt, r.prompt] if do_cfg else [r.prompt]

@@ -208,7 +208,9 @@ def parse_lora_request(
         model=ModelRef(
             resolve_model(get("MODEL_NAME"), model_root, single_file=True),
             get("VARIANT") or None,
-            resolve_model(get("UNET_NAME"), model_root, "config.json") if get("UNET_NAME") else None,
+            resolve_model(get("UNET_NAME"), model_root, "config.json", "unet_name", single_file=True)
+            if get("UNET_NAME")
+            else None,
         ),
         prompt=get("PROMPT"),
         negative_prompt=get("NEGATIVE_PROMPT"),
@@ -236,7 +238,7 @@ def parse_lora_request(
         ip_adapter=parse_ip_adapter_options(
             options.get("ip_adapter"), lambda i, what: media_array(arrays, i, what), model_root
         ),
-        ic_light=parse_ic_light(options.get("ic_light"), blobs, lambda i, what: media_array(arrays, i, what)),
+        ic_light=parse_ic_light(options.get("ic_light"), model_root, lambda i, what: media_array(arrays, i, what)),
         debug_latents=options.get("debug_latents") is True,
         debug_per_pass_latents=options.get("debug_per_pass_latents") is True,
         is_cancelled=is_cancelled,

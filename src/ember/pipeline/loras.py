@@ -9,15 +9,18 @@ with `Runner.refit`. The base copy of every weight a LoRA ever touched is kept, 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ember.runtime import Runner
 
-# LoRA state-dict prefixes (diffusers' format) -> the runner holding that component.
-COMPONENTS = {"unet": "unet", "text_encoder": "text_encoder"}
+# LoRA state-dict prefixes (diffusers' format) -> the runner holding that component. SD1.5 files name
+# unet + text_encoder; SDXL files add text_encoder_2 (the second CLIP, kohya's lora_te2_). Which of these a
+# pipeline can refit is LoraState's business: a component it lacks is refused there, by name.
+COMPONENTS = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
 
 
 @dataclass(frozen=True)
@@ -31,35 +34,82 @@ class LoraFile:
 
 
 def parse_lora(state_dict: dict[str, torch.Tensor], digest: str) -> LoraFile:
-    """Parse a LoRA safetensors state dict in any format diffusers reads (its own, PEFT, kohya / A1111):
-    diffusers' `lora_state_dict` normalizes the names first. ValueError when nothing is a LoRA weight."""
-    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+    """Parse a LoRA safetensors state dict in any format diffusers reads (its own, PEFT, kohya / A1111),
+    SD1.5 or SDXL: diffusers' SDXL `lora_state_dict` normalizes the names first (it reads both families: the
+    SD1.5 one is the same conversion, and kohya's lora_te1_ / lora_te2_ become text_encoder / text_encoder_2).
+    Kohya SDXL files in SGM block names (input_blocks.*) need the UNet config to be remapped, which diffusers
+    does only when given one: such names stay unmatched and LoraState.problems refuses them by name.
+    ValueError when nothing is a LoRA weight."""
+    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
 
-    normalized, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(state_dict))
+    normalized, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(dict(state_dict))
     alphas = alphas or {}
     factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {c: {} for c in COMPONENTS}
-    for key, down in normalized.items():
-        for down_tag, up_tag in (
-            (".lora_A.weight", ".lora_B.weight"),
-            (".lora.down.weight", ".lora.up.weight"),
-        ):
-            if key.endswith(down_tag):
-                module = key[: -len(down_tag)]
-                up = normalized.get(module + up_tag)
-                break
-        else:
-            continue
-        if up is None:
-            raise ValueError(f"LoRA weight {key} has no matching up projection")
-        component, _, name = module.partition(".")
-        if component not in COMPONENTS:
-            raise ValueError(f"LoRA weight {key} names no component this pipeline has (unet, text_encoder)")
-        rank = down.shape[0]
-        alpha = alphas.get(module + ".alpha", alphas.get(module.replace(".", "_") + ".alpha", rank))
-        factors[component][name + ".weight"] = (up.float(), down.float(), float(alpha) / rank)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in normalized.items():
+        component, _, rest = key.partition(".")
+        parts.setdefault(component, {})[rest] = value
+    for component, part in parts.items():
+        # key in the network's own names (`<module>.lora_A.weight`) -> the key lora_state_dict gave
+        origin = _peft_names(component, part)
+        for key, source in origin.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            module = key[: -len(".lora_A.weight")]
+            if component not in COMPONENTS:
+                raise ValueError(
+                    f"LoRA weight {component}.{source} names no component a diffusion pipeline has "
+                    f"({', '.join(COMPONENTS)})"
+                )
+            up_source = origin.get(module + ".lora_B.weight")
+            if up_source is None:
+                raise ValueError(f"LoRA weight {component}.{source} has no matching up projection")
+            down, up = part[source], part[up_source]
+            rank = down.shape[0]
+            alpha = _alpha(alphas, f"{component}.{source}", f"{component}.{module}", rank)
+            factors[component][module + ".weight"] = (up.float(), down.float(), float(alpha) / rank)
     if not any(factors.values()):
         raise ValueError("the file holds no LoRA weights (expected lora_A/lora_B or lora_down/lora_up pairs)")
     return LoraFile(digest=digest, factors={c: f for c, f in factors.items() if f})
+
+
+def _peft_names(component: str, part: dict[str, torch.Tensor]) -> dict[str, str]:
+    """A component's keys as lora_state_dict left them -> the same keys in PEFT names on the network's own
+    modules (`<module>.lora_A.weight` / `.lora_B.weight`), by the conversions diffusers applies when it
+    loads them: kohya / A1111 files come out of lora_state_dict in the old attention-processor names
+    (`attn1.processor.to_q_lora.down.weight`, text encoders' `self_attn.to_q_lora.down.weight`), which
+    `convert_unet_state_dict_to_peft` / `convert_state_dict_to_diffusers` + `convert_state_dict_to_peft`
+    map to `attn1.to_q.lora_A.weight` / `self_attn.q_proj.lora_A.weight`. The conversions only rename, so
+    they run on {key: key} and give each new name its source key."""
+    from diffusers.utils.state_dict_utils import (
+        StateDictType,
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    names: dict = {key: key for key in part}
+    try:
+        if component == "unet":
+            return dict(convert_unet_state_dict_to_peft(names))
+        # diffusers infers the old naming from a to_out_lora key only; a file adapting q/k/v alone has none
+        old = any("_lora.down." in key or "_lora.up." in key for key in names)
+        diffusers_names = convert_state_dict_to_diffusers(
+            names, original_type=StateDictType.DIFFUSERS_OLD if old else None
+        )
+        return dict(convert_state_dict_to_peft(diffusers_names))
+    except ValueError:  # a naming diffusers does not infer: taken as PEFT names (others stay unmatched)
+        return names
+
+
+def _alpha(alphas: Mapping[str, float], source: str, module: str, rank: int) -> float:
+    """The network alpha of one LoRA module (alpha = rank when the file stores none, diffusers' rule). The
+    conversion of kohya files names it after the down key (`<down key>.alpha`); other formats after the
+    module (`<module>.alpha`)."""
+    for key in (source + ".alpha", module + ".alpha", module.replace(".", "_") + ".alpha"):
+        if key in alphas:
+            return float(alphas[key])
+    return float(rank)
 
 
 def lora_delta(up: torch.Tensor, down: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -78,8 +128,14 @@ class LoraState:
         runners: Mapping[str, Runner],
         base_weights: Mapping[str, Mapping[str, torch.Tensor]],
         max_cached_sets: int = 4,
+        inert: Mapping[str, tuple[str, ...]] | None = None,
     ):
+        """`inert`: per component, name prefixes of weights that cannot reach the runner's outputs (SDXL's
+        first encoder returns the penultimate hidden states: its last layer is dead code, pruned from the
+        ONNX export). A LoRA's deltas on them are skipped (fusing them changes no output, as in diffusers)
+        rather than refused as weights "this base model does not have"."""
         self.runners = runners
+        self._inert = dict(inert or {})
         self._base_state = (
             base_weights  # component -> full state dict (read-only view of the pristine weights)
         )
@@ -90,6 +146,11 @@ class LoraState:
         self._touched: dict[str, set[str]] = {c: set() for c in runners}
         self._merged: OrderedDict[tuple, dict[str, dict[str, torch.Tensor]]] = OrderedDict()
         self._max_cached = max_cached_sets
+
+    def _live(self, component: str, weights: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+        """The LoRA weights of `component` minus the inert ones."""
+        inert = self._inert.get(component, ())
+        return ((name, value) for name, value in weights.items() if not (inert and name.startswith(inert)))
 
     @property
     def current(self) -> tuple[tuple[str, float], ...]:
@@ -113,7 +174,7 @@ class LoraState:
                 if component not in self.runners:
                     problems.append(f"the LoRA changes the {component}, which this model cannot refit")
                     continue
-                for name, (up, down, _) in weights.items():
+                for name, (up, down, _) in self._live(component, weights):
                     if name not in self._base_state[component]:
                         problems.append(f"the LoRA changes {component}.{name}, which this base model does not have")
                         break
@@ -131,7 +192,7 @@ class LoraState:
         for lora, scale in loras:
             for component, weights in lora.factors.items():
                 out = merged.setdefault(component, {})
-                for name, (up, down, ratio) in weights.items():
+                for name, (up, down, ratio) in self._live(component, weights):
                     base = self._pristine(component, name)
                     if name not in out:
                         out[name] = base.float().clone()

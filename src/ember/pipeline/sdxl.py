@@ -72,6 +72,14 @@ class XLTextEncoders:
         return XLPromptEmbeds(embeddings=embeddings, pooled=pooled)
 
 
+def penultimate_inert(num_hidden_layers: int) -> tuple[str, ...]:
+    """Weight-name prefixes of a CLIP text encoder read at hidden_states[-2] (SDXL's first encoder) that never
+    reach that output: its last layer and final norm (the ONNX export prunes them). For LoraState's `inert`;
+    both transformers layouts (5.x flat, 4.x under `text_model.`)."""
+    dead = (f"encoder.layers.{num_hidden_layers - 1}.", "final_layer_norm.")
+    return (*dead, *(f"text_model.{prefix}" for prefix in dead))
+
+
 def add_time_ids(
     original_size: Size,
     target_size: Size,

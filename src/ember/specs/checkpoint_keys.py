@@ -39,9 +39,30 @@ def refusal(family: str, what: str) -> str | None:
     """Why `family` cannot be served yet (None when it can); `what` names the weights in the message."""
     if family == "sdxl":
         return (
-            f"{what} is an SDXL model; fal-ai/lora serves Stable Diffusion 1.5 base models only for now "
-            "(SDXL bases are not supported yet): use an SD1.5 model"
+            f"{what} is an SDXL single-file checkpoint, which is not supported yet (SDXL bases are served "
+            "as diffusers directories: convert it with StableDiffusionXLPipeline.from_single_file + "
+            "save_pretrained under the model root, or name its Hugging Face id)"
         )
     if family == "sd2":
         return f"{what} is a Stable Diffusion 2.x model; fal-ai/lora serves SD1.5 base models only"
     return None
+
+
+LDM_UNET_PREFIXES = (UNET, "diffusion_model.")  # full-checkpoint and UNet-only LDM files (ComfyUI/Forge)
+
+
+def unet_file_layout(names: Iterable[str]) -> str:
+    """How a UNet-only weight file (a single-file UNet for `unet_name`, an IC-Light offset file) names its
+    tensors: "diffusers" (UNet2DConditionModel.state_dict() keys, `conv_in.weight`) or "ldm" (original
+    names under `model.diffusion_model.` / `diffusion_model.`). ValueError for anything else."""
+    keys = set(names)
+    if "conv_in.weight" in keys:
+        return "diffusers"
+    if any(k.startswith(LDM_UNET_PREFIXES) for k in keys):
+        if SDXL_LABEL_EMB in keys or "diffusion_model.label_emb.0.0.weight" in keys:
+            raise ValueError("this UNet file is an SDXL UNet; fal-ai/lora serves SD1.5 UNets only for now")
+        return "ldm"
+    raise ValueError(
+        "this is not a UNet weight file: no diffusers UNet keys (conv_in.weight) and no "
+        "model.diffusion_model.* / diffusion_model.* tensors"
+    )

@@ -66,7 +66,7 @@ def _clip_config(hidden: int, act: str, projection: int) -> CLIPTextConfig:
     )
 
 
-def _unet() -> UNet2DConditionModel:
+def _unet(time_cond_proj_dim: int | None = 256) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=128,  # 1024 px / 8
         in_channels=4,
@@ -83,7 +83,7 @@ def _unet() -> UNet2DConditionModel:
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED,
         projection_class_embeddings_input_dim=6 * TIME_EMBED + PROJECTION_2,  # real: 2816
-        time_cond_proj_dim=256,  # lcm-sdxl's guidance-scale embedding width
+        time_cond_proj_dim=time_cond_proj_dim,  # lcm-sdxl's guidance-scale embedding width (256)
     )
 
 
@@ -112,9 +112,16 @@ def _pad_with_exclamation(tokenizer_dir: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def build_tiny_lcm_sdxl(directory: Path) -> Path:
+def build_tiny_sdxl(directory: Path) -> Path:
+    """The tiny SDXL *base* stand-in (fal-ai/lora's SDXL bases): build_tiny_lcm_sdxl's weights with a plain
+    UNet (no time_cond_proj_dim: classifier-free guidance) and the base's EulerDiscreteScheduler."""
+    return build_tiny_lcm_sdxl(directory, lcm=False)
+
+
+def build_tiny_lcm_sdxl(directory: Path, lcm: bool = True) -> Path:
     """Build the tiny LCM SDXL pipeline into `directory` (model_index.json + component folders), written
-    to a temporary sibling first and renamed, so a reader never sees half a model."""
+    to a temporary sibling first and renamed, so a reader never sees half a model. `lcm=False`: the UNet
+    without the guidance embedding (build_tiny_sdxl)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
@@ -129,7 +136,7 @@ def build_tiny_lcm_sdxl(directory: Path) -> Path:
             text_encoder_2=CLIPTextModelWithProjection(_clip_config(TEXT_HIDDEN_2, "gelu", PROJECTION_2)),
             tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
             tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer_2_dir),
-            unet=_unet(),
+            unet=_unet(256 if lcm else None),
             scheduler=EulerDiscreteScheduler.from_config(SDXL_BASE_SCHEDULER),
             force_zeros_for_empty_prompt=True,
             add_watermarker=False,

@@ -26,9 +26,8 @@ from ember.endpoints.lcm.schema import LcmInput, LcmOutput
 
 DEFAULT_SIZE = (512, 512)
 
-# What this server does not serve yet. Refused by name, never silently ignored:
-# lora_url with model="sdxl" (model="sdxl" itself is served: ember.pipeline.lcm_xl).
-_NOT_YET = "is not supported yet by this server"
+# lora_url together with controlnet_inpaint is served: the LoRA's UNet part is fused into the
+# ControlNet-steered UNet export too (ember.pipeline.lcm_lora.LcmLoras.apply_controlled).
 
 
 class LcmEndpoint(Endpoint[LcmInput]):
@@ -41,16 +40,6 @@ class LcmEndpoint(Endpoint[LcmInput]):
     def check(self, inp: LcmInput) -> None:
         if inp.lora_url is not None:
             check_url(inp.lora_url, ("body", "lora_url"))
-            if inp.model != "sdv1-5":
-                raise InputError(
-                    ("body", "lora_url"), f"lora_url with model={inp.model!r} {_NOT_YET}", "not_supported"
-                )
-            if inp.controlnet_inpaint and inp.mask_url is not None:
-                raise InputError(
-                    ("body", "lora_url"),
-                    f"lora_url together with controlnet_inpaint {_NOT_YET}",
-                    "not_supported",
-                )
         if not math.isfinite(inp.lora_scale):
             raise InputError(("body", "lora_scale"), "lora_scale must be a finite number")
         if inp.mask_url is not None and inp.image_url is None:

@@ -6,9 +6,12 @@ background compatible with the model". So the valid combinations are: none of th
 file, 8 input channels); model + image + background (an "fbc" file, 12 channels). Which one a file is shows
 only once it is loaded: the Triton model answers a mismatch with a 422 naming the background field.
 
-The offset file is fetched and checked as safetensors like a LoRA (pickles refused) and rides in LORA_FILES
-after the LoRAs and embeddings; the images, decoded by the gateway, ride in MEDIA. OPTIONS:
-    "ic_light": {"file": LORA_FILES index, "image": MEDIA index, "background": MEDIA index | null} | null
+The offset file (a full UNet's worth of offsets: ~1.7 GB in fp32) is streamed to disk like a `model_name`
+checkpoint (ember.gateway.checkpoints, kind "unet": safetensors checked from its header, pickles refused,
+UNet key names required) into <EMBER_LORA_MODEL_ROOT>/checkpoints/<sha256>.safetensors, stored once per
+content; only its path travels to Triton, which keys its patched UNets by that digest. The images, decoded
+by the gateway, ride in MEDIA. OPTIONS:
+    "ic_light": {"path": offset file path, "image": MEDIA index, "background": MEDIA index | null} | null
 """
 
 from __future__ import annotations
@@ -51,11 +54,12 @@ def check_ic_light(inp: LoraInput) -> None:
 async def load_ic_light(
     inp: LoraInput, media: MediaLoader, media_arrays: list[np.ndarray]
 ) -> dict[str, Any] | None:
-    """The offset file's bytes and the images' MEDIA indices (images appended to `media_arrays`)."""
+    """The offset file's path (streamed to the checkpoint directory) and the images' MEDIA indices (images
+    appended to `media_arrays`)."""
     if not inp.ic_light_model_url or not inp.ic_light_image_url:
         return None
-    weights = await media.weights(inp.ic_light_model_url, ("body", "ic_light_model_url"))
-    entry: dict[str, Any] = {"weights": weights.data, "image": len(media_arrays), "background": None}
+    path = await media.checkpoint(inp.ic_light_model_url, ("body", "ic_light_model_url"), kind="unet")
+    entry: dict[str, Any] = {"path": path, "image": len(media_arrays), "background": None}
     media_arrays.append(await media.image(inp.ic_light_image_url, ("body", "ic_light_image_url")))
     if inp.ic_light_model_background_image_url:
         entry["background"] = len(media_arrays)
@@ -64,9 +68,9 @@ async def load_ic_light(
     return entry
 
 
-def ic_light_option(loaded: dict[str, Any] | None, blobs: list[bytes]) -> dict[str, Any] | None:
-    """OPTIONS "ic_light", appending the offset file to `blobs` (LORA_FILES)."""
+def ic_light_option(loaded: dict[str, Any] | None) -> dict[str, Any] | None:
+    """OPTIONS "ic_light": the offset file's path and the images' MEDIA indices (no bytes: the file stays
+    in the shared checkpoint directory)."""
     if loaded is None:
         return None
-    blobs.append(loaded["weights"])
-    return {"file": len(blobs) - 1, "image": loaded["image"], "background": loaded["background"]}
+    return {"path": loaded["path"], "image": loaded["image"], "background": loaded["background"]}

@@ -30,7 +30,6 @@ from ember.endpoints.lora.embeddings import check_embeddings, embedding_options,
 from ember.endpoints.lora.ic_light import check_ic_light, ic_light_option, load_ic_light
 from ember.endpoints.lora.ip_adapter import check_ip_adapter, load_ip_adapter
 from ember.endpoints.lora.schema import LoraInput, LoraOutput
-from ember.specs.checkpoint_keys import refusal
 
 DEFAULT_SIZE = (1024, 1024)  # square_hd
 _NOT_YET = "is not supported yet by this server"
@@ -46,8 +45,9 @@ def _model_root() -> Path:
 
 def check_model_name(value: str, loc: tuple[str, ...], root: Path, single_file: bool = False) -> None:
     """model_name / unet_name: an HF id, or a local directory under the allowed root (EMBER_LORA_MODEL_ROOT)
-    and nowhere else. `single_file` (model_name): also an http(s)/data: URL of a single-file .safetensors
-    checkpoint (fetched by Endpoint.load) or such a file under the root; SDXL directories are refused."""
+    and nowhere else. `single_file`: also an http(s)/data: URL of a single-file .safetensors checkpoint
+    (model_name) or UNet (unet_name), fetched by Endpoint.load, or such a file under the root. SDXL
+    directories are served (ember.pipeline.lora_xl); check_sdxl_fields refuses what they do not serve yet."""
     if value.startswith(("http://", "https://", "data:")):
         if not single_file:
             raise InputError(
@@ -63,22 +63,38 @@ def check_model_name(value: str, loc: tuple[str, ...], root: Path, single_file: 
             return
         if not path.is_dir():
             raise InputError(loc, f"{value} is not a model directory under {root}", "path_not_found")
-        if single_file:
-            _refuse_sdxl_directory(path, value, loc)
         return
     if not _HF_ID.match(value) or ".." in value:
         raise InputError(loc, "must be a Hugging Face id (owner/name) or a directory under the model root")
 
 
-def _refuse_sdxl_directory(path: Path, value: str, loc: tuple[str, ...]) -> None:
-    """SDXL told apart by its own model_index.json (a second text encoder); the Triton side checks again."""
+def check_sdxl_fields(inp: LoraInput, root: Path) -> None:
+    """A local SDXL base model (its model_index.json names a second text encoder) runs as
+    StableDiffusionXLPipeline (ember.pipeline.lora_xl), which does not serve these fields yet: refused
+    here by name; the Triton side refuses them again (and for HF ids resolved there)."""
+    value = inp.model_name
+    if value.startswith(("http://", "https://", "data:")) or not value.startswith(("/", "~", ".")):
+        return  # single files are told apart by the Triton side; HF ids are resolved there
     try:
-        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        index = json.loads((Path(value).expanduser().resolve() / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # not a pipeline directory: the Triton side says what is wrong with it
-    message = refusal("sdxl", value) if "text_encoder_2" in index else None
-    if message is not None:
-        raise InputError(loc, message, "not_supported")
+    if "text_encoder_2" not in index:
+        return
+    for field, used in (
+        ("unet_name", inp.unet_name is not None),
+        ("controlnets", bool(inp.controlnets)),
+        ("ip_adapter", bool(inp.ip_adapter)),
+        ("ic_light_model_url", inp.ic_light_model_url is not None),
+        ("embeddings", bool(inp.embeddings)),
+        ("prompt_weighting", inp.prompt_weighting),
+    ):
+        if used:
+            raise InputError(
+                ("body", field),
+                f"{field} {_NOT_YET} with SDXL base models ({value} is SDXL; served for SD1.5 bases)",
+                "not_supported",
+            )
 
 
 class LoraEndpoint(Endpoint[LoraInput]):
@@ -90,8 +106,12 @@ class LoraEndpoint(Endpoint[LoraInput]):
     def check(self, inp: LoraInput) -> None:
         root = _model_root()
         check_model_name(inp.model_name, ("body", "model_name"), root, single_file=True)
-        if inp.unet_name is not None:
-            check_model_name(inp.unet_name, ("body", "unet_name"), root)
+        check_sdxl_fields(inp, root)
+        if inp.unet_name is not None:  # a UNet directory / HF id, or a single-file UNet (URL or .safetensors)
+            single = inp.unet_name.startswith(("http://", "https://", "data:")) or inp.unet_name.endswith(
+                ".safetensors"
+            )
+            check_model_name(inp.unet_name, ("body", "unet_name"), root, single_file=single)
         for i, lora in enumerate(inp.loras):
             loc = ("body", "loras", i, "path")
             if not lora.path.startswith(("http://", "https://", "data:")):
@@ -130,6 +150,8 @@ class LoraEndpoint(Endpoint[LoraInput]):
         loaded: dict[str, Any] = {}
         if inp.model_name.startswith(("http://", "https://", "data:")):  # streamed to disk, sent as its path
             loaded["model_name"] = await media.checkpoint(inp.model_name, ("body", "model_name"))
+        if (inp.unet_name or "").startswith(("http://", "https://", "data:")):  # a UNet-only single file
+            loaded["unet_name"] = await media.checkpoint(inp.unet_name, ("body", "unet_name"), kind="unet")
         return {
             **loaded,
             "lora_files": [f.data for f in files],
@@ -165,11 +187,11 @@ class LoraEndpoint(Endpoint[LoraInput]):
         blobs += embedding_files
         if inp.ic_light_model_url and not (loaded or {}).get("ic_light"):
             raise ValueError("ic_light was not loaded: Endpoint.load must run before to_triton")
-        options["ic_light"] = ic_light_option((loaded or {}).get("ic_light"), blobs)  # file after the others
+        options["ic_light"] = ic_light_option((loaded or {}).get("ic_light"))  # a path, never bytes
         tensors = {
             "MODEL_NAME": bytes_tensor((loaded or {}).get("model_name", inp.model_name)),
             "VARIANT": bytes_tensor(inp.variant or ""),
-            "UNET_NAME": bytes_tensor(inp.unet_name or ""),
+            "UNET_NAME": bytes_tensor((loaded or {}).get("unet_name", inp.unet_name or "")),
             "PROMPT": bytes_tensor(inp.prompt),
             "NEGATIVE_PROMPT": bytes_tensor(inp.negative_prompt),
             "SEED": scalar_tensor(seed, np.int64),
