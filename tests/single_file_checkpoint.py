@@ -127,3 +127,73 @@ def to_single_file(model_dir: Path, out: Path, dtype: torch.dtype | None = None)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in checkpoint.items()}, str(out))
     return out
+
+
+XL_TEXT_PREFIX, XL_OPEN_CLIP_PREFIX = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+
+
+def _open_clip_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIPTextModelWithProjection weights -> OpenCLIP names (SDXL's second encoder), undoing diffusers'
+    convert_open_clip_checkpoint: its fixed `openclip.layers` table inverted (text_projection stored as
+    (hidden, projection), the transpose of the Linear weight), the `openclip.transformer` renames undone,
+    and q/k/v stacked back into `attn.in_proj_weight` / `in_proj_bias`
+    ((3 * hidden, hidden) / (3 * hidden,))."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    fixed = DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"]
+    renames = [(new, old) for new, old in DIFFUSERS_TO_LDM_MAPPING["openclip"]["transformer"].items()]
+    weights = {
+        (k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"): v
+        for k, v in weights.items()
+    }
+    out: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        if key in fixed:
+            out[fixed[key]] = value.T.contiguous() if key == "text_projection.weight" else value
+            continue
+        if not key.startswith("text_model.encoder.layers."):
+            raise KeyError(f"no OpenCLIP name for text encoder key {key!r}")
+        if m := re.match(r"(.+)\.self_attn\.(q|k|v)_proj\.(weight|bias)", key):
+            if m[2] != "q":
+                continue
+            base = f"{m[1]}.self_attn"
+            value = torch.cat([weights[f"{base}.{p}_proj.{m[3]}"] for p in "qkv"])
+            key = f"{base}.in_proj_{m[3]}"
+        name = key
+        for new, old in renames:
+            name = name.replace(new, old)
+        out["transformer." + name] = value
+    return out
+
+
+def to_single_file_xl(model_dir: Path, out: Path) -> Path:
+    """Write `model_dir` (a diffusers SDXL pipeline) as one SGM-layout checkpoint (as
+    sd_xl_base_1.0.safetensors): UNet and VAE as for SD1.5 plus the UNet's `label_emb` (add_embedding),
+    CLIP ViT-L under conditioner.embedders.0.transformer., OpenCLIP under conditioner.embedders.1.model."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    model_dir = Path(model_dir)
+    unet_config = json.loads((model_dir / "unet" / "config.json").read_text())
+    vae_config = json.loads((model_dir / "vae" / "config.json").read_text())
+    layers = int(unet_config["layers_per_block"])
+    attention_blocks = {i for i, t in enumerate(unet_config["up_block_types"]) if "CrossAttn" in t}
+    unet_fixed = {
+        **DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"],
+        **DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"],
+    }
+    checkpoint: dict[str, torch.Tensor] = {}
+    for key, value in _weights(model_dir / "unet", None).items():
+        checkpoint[UNET_PREFIX + _unet_key(key, layers, attention_blocks, unet_fixed)] = value
+    for key, value in _weights(model_dir / "vae", None).items():
+        if ".mid_block.attentions.0." in key and key.endswith("weight") and value.ndim == 2:
+            value = value[:, :, None, None]
+        checkpoint[
+            VAE_PREFIX + _vae_key(key, len(vae_config["up_block_types"]), DIFFUSERS_TO_LDM_MAPPING["vae"])
+        ] = value
+    for key, value in _weights(model_dir / "text_encoder", None).items():
+        checkpoint[XL_TEXT_PREFIX + (key if key.startswith("text_model.") else f"text_model.{key}")] = value
+    for key, value in _open_clip_weights(_weights(model_dir / "text_encoder_2", None)).items():
+        checkpoint[XL_OPEN_CLIP_PREFIX + key] = value
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in checkpoint.items()}, str(out))
+    return out

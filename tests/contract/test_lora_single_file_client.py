@@ -1,6 +1,6 @@
 """fal-client 1.0.3, unmodified, against the real gateway + tritonserver (fal-ai/lora): `model_name` as an
-http URL of a single-file .safetensors checkpoint (the tiny SD1.5 written in the original LDM layout),
-served by a local HTTP server the gateway may fetch from (EMBER_FETCH_ALLOW=127.0.0.1/32 in the stack)."""
+http URL of a single-file .safetensors checkpoint (the tiny SD1.5 written in the original LDM layout, the
+tiny SDXL base in the SGM layout), served by a local HTTP server the gateway may fetch from (EMBER_FETCH_ALLOW=127.0.0.1/32 in the stack)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from ember.pipeline.base_models import CONFIGS_SUBDIR
 from ember.settings import Settings
-from tests.single_file_checkpoint import to_single_file
+from tests.single_file_checkpoint import to_single_file, to_single_file_xl
 
 pytestmark = pytest.mark.e2e
 
@@ -36,8 +36,10 @@ class _Quiet(SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def served(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(URL of the tiny SD1.5 as one .safetensors, the same model's directory under the model root)."""
+    """(URL of the tiny SD1.5 as one .safetensors, the same model's directory under the model root); the
+    tiny SDXL base is served as `tiny-sdxl.safetensors` too, its directory at `tiny-sdxl-single-file`."""
     from ember.specs.demo_lora import build_tiny_sd15
+    from ember.specs.demo_sdxl import TEXT_HIDDEN, build_tiny_sdxl
 
     root = stack_settings.lora_models_dir
     # A directory of its own: other tests' first requests on tiny-sd15 must still be the ones that load it.
@@ -49,11 +51,19 @@ def served(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -
         shutil.copytree(model, configs, ignore=shutil.ignore_patterns("*.safetensors"))
     files = tmp_path_factory.mktemp("http")
     to_single_file(model, files / "tiny-sd15.safetensors")
-    sdxl_names = (
-        "model.diffusion_model.label_emb.0.0.weight",
-        "conditioner.embedders.1.model.ln_final.weight",
+    xl = root / "tiny-sdxl-single-file"
+    if not (xl / "model_index.json").is_file():
+        # diffusers tells SDXL's two encoders apart by width: the stand-in's differ (as 768 vs 1280)
+        build_tiny_sdxl(xl, text_hidden_2=TEXT_HIDDEN + 16)
+    if not (root / CONFIGS_SUBDIR / xl.name).is_dir():
+        shutil.copytree(xl, root / CONFIGS_SUBDIR / xl.name, ignore=shutil.ignore_patterns("*.safetensors"))
+    to_single_file_xl(xl, files / "tiny-sdxl.safetensors")
+    sd2_names = (
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "first_stage_model.encoder.conv_in.weight",
+        "cond_stage_model.model.ln_final.weight",
     )
-    save_file({name: torch.zeros(2) for name in sdxl_names}, str(files / "sdxl.safetensors"))
+    save_file({name: torch.zeros(2) for name in sd2_names}, str(files / "sd2.safetensors"))
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(files)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
@@ -94,9 +104,30 @@ def test_single_file_checkpoint_url(fal_client: ModuleType, client_env, served: 
     assert np.array_equal(_pixels(from_url, cafile), _pixels(from_dir, cafile))
 
 
+def test_sdxl_single_file_checkpoint_url(
+    fal_client: ModuleType, client_env, stack_settings: Settings, served: tuple[str, str]
+) -> None:
+    """An SDXL single file (SGM layout) is converted once and served as the SDXL directory is: same pixels."""
+    args = {
+        "prompt": "a red fox",
+        "negative_prompt": "blurry",
+        "image_size": {"width": 64, "height": 64},
+        "num_inference_steps": 3,
+        "seed": 5,
+        "image_format": "png",
+    }
+    from_url = fal_client.run(
+        ENDPOINT, arguments={**args, "model_name": f"{served[0]}/tiny-sdxl.safetensors"}
+    )
+    directory = str((stack_settings.lora_models_dir / "tiny-sdxl-single-file").resolve())
+    from_dir = fal_client.run(ENDPOINT, arguments={**args, "model_name": directory})
+    cafile = client_env["SSL_CERT_FILE"]
+    assert np.array_equal(_pixels(from_url, cafile), _pixels(from_dir, cafile))
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
-    [("sdxl.safetensors", "SDXL"), ("missing.safetensors", "HTTP 404")],
+    [("sd2.safetensors", "2.x"), ("missing.safetensors", "HTTP 404")],
 )
 def test_refused_checkpoints_are_422_naming_model_name(
     fal_client: ModuleType, served: tuple[str, str], name: str, message: str

@@ -107,12 +107,11 @@ def test_schema_errors_are_422_with_detail(fal_client: ModuleType) -> None:
     assert info.value.status_code == 422
     assert info.value.response.json()["detail"][0]["loc"] == ["body", "prompt"]
 
+    # A URL input the server must never fetch (a local file) is refused at its field before the job runs.
     with pytest.raises(fal_client.client.FalClientHTTPError) as info:
-        fal_client.run(
-            ENDPOINT, arguments={"prompt": "x", "model": "sdxl", "lora_url": "https://example.com/l.safetensors"}
-        )
+        fal_client.run(ENDPOINT, arguments={"prompt": "x", "model": "sdxl", "lora_url": "file:///etc/passwd"})
     assert info.value.status_code == 422
-    assert "not supported yet" in info.value.response.json()["detail"][0]["msg"]
+    assert info.value.response.json()["detail"][0]["loc"] == ["body", "lora_url"]
 
 
 def test_wrong_key_is_401(fal_client: ModuleType, client_env) -> None:

@@ -1,7 +1,8 @@
 """fal-ai/lora base models (ember.pipeline.base_models) on tiny SD1.5 weights: a single-file checkpoint
 (the diffusers directory written in the original LDM layout, tests/single_file_checkpoint.py) serves the
 same images as the directory; `variant` and `unet_name` are honoured (vs diffusers' own pipeline loading
-them); SDXL single-file checkpoints are refused naming model_name; the onnxruntime path exports once, is warm after,
+them); SD 2.x single-file checkpoints are refused naming model_name (SDXL ones are served:
+test_lora_sdxl_single_file.py); the onnxruntime path exports once, is warm after,
 stays within 1 uint8 level of torch, and follows the LRU bound."""
 
 from __future__ import annotations
@@ -98,22 +99,21 @@ def test_fp16_single_file_checkpoint_loads(settings, root, tmp_path):
     assert np.abs(ours - full).max() <= 2, "fp16 rounding of the weights moved pixels too far"
 
 
-def test_sdxl_weights_are_refused_naming_model_name(settings, root, tmp_path):
+def test_sd2_weights_are_refused_naming_model_name(settings, root, tmp_path):
     pipeline = LoraText2ImagePipeline(settings)
-    # Single file: SDXL's layout (second text encoder, UNet label_emb) told apart by tensor names.
-    sdxl = root / "checkpoints" / "sdxl-like.safetensors"
+    # Single file: SD 2.x's layout (OpenCLIP text encoder under cond_stage_model.model.) told apart by names.
+    sd2 = root / "checkpoints" / "sd2-like.safetensors"
     names = [
         "model.diffusion_model.input_blocks.0.0.weight",
-        "model.diffusion_model.label_emb.0.0.weight",
-        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
-        "conditioner.embedders.1.model.ln_final.weight",
+        "first_stage_model.encoder.conv_in.weight",
+        "cond_stage_model.model.ln_final.weight",
     ]
-    save_file({name: torch.zeros(2) for name in names}, str(sdxl))
-    assert checkpoint_family(names) == "sdxl"
-    # (SDXL diffusers directories are served: tests/pipeline/test_lora_sdxl.py)
-    (result,) = pipeline([LoraRequest(model=ModelRef(str(sdxl)), prompt="x", seed=0, width=64, height=64)])
+    save_file({name: torch.zeros(2) for name in names}, str(sd2))
+    assert checkpoint_family(names) == "sd2"
+    # (SDXL directories and single files are served: test_lora_sdxl.py, test_lora_sdxl_single_file.py)
+    (result,) = pipeline([LoraRequest(model=ModelRef(str(sd2)), prompt="x", seed=0, width=64, height=64)])
     assert result.images is None
-    assert result.error.startswith("model_name:") and "SDXL" in result.error, result.error
+    assert result.error.startswith("model_name:") and "2.x" in result.error, result.error
     with pytest.raises(ValueError, match="not a Stable Diffusion single-file checkpoint"):
         checkpoint_family(["lora_unet_down_blocks_0.alpha"])
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +22,7 @@ from ember.endpoints.lora.translate import check_model_name
 from ember.gateway.checkpoints import CheckpointCache
 from ember.gateway.fetcher import Fetcher, FetchPolicy
 from ember.gateway.weights import check_safetensors, check_safetensors_file
-from ember.specs.checkpoint_keys import checkpoint_family
+from ember.specs.checkpoint_keys import checkpoint_family, refusal
 
 LOC = ("body", "model_name")
 SD15_NAMES = (
@@ -29,6 +30,7 @@ SD15_NAMES = (
     "first_stage_model.encoder.conv_in.weight",
     "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
 )
+SD2_NAMES = (*SD15_NAMES[:2], "cond_stage_model.model.ln_final.weight")
 SDXL_NAMES = (
     "model.diffusion_model.input_blocks.0.0.weight",
     "model.diffusion_model.label_emb.0.0.weight",
@@ -101,6 +103,9 @@ def test_model_name_accepts_checkpoint_urls_and_files(tmp_path: Path) -> None:
 def test_family_from_tensor_names() -> None:
     assert checkpoint_family(SD15_NAMES) == "sd15"
     assert checkpoint_family(SDXL_NAMES) == "sdxl"
+    refiner = (*SDXL_NAMES[:2], "conditioner.embedders.0.model.ln_final.weight")
+    assert checkpoint_family(refiner) == "sdxl_refiner"
+    assert "refiner" in refusal("sdxl_refiner", "it") and refusal("sdxl", "it") is None
     assert checkpoint_family([*SD15_NAMES[:2], "cond_stage_model.model.ln_final.weight"]) == "sd2"
     with pytest.raises(ValueError, match="not a Stable Diffusion"):
         checkpoint_family(["lora_unet_down_blocks_0_attentions_0.lora_down.weight"])
@@ -126,6 +131,7 @@ async def test_streamed_into_the_content_addressed_directory(server: str, tmp_pa
             "/same-content": sd15,
             "/b.safetensors": other,
             "/xl.safetensors": _checkpoint(SDXL_NAMES),
+            "/sd2.safetensors": _checkpoint(SD2_NAMES),
             "/model.ckpt": pickle.dumps([1]),
             "/lora.safetensors": _checkpoint(("lora_unet_x.lora_down.weight",)),
         }
@@ -138,8 +144,10 @@ async def test_streamed_into_the_content_addressed_directory(server: str, tmp_pa
     assert a.name == f"{hashlib.sha256(sd15).hexdigest()}.safetensors"
     assert await cache.fetch(f"{server}/same-content", LOC) == a  # stored once per content
     assert await cache.fetch(f"{server}/b.safetensors", LOC) != a
+    xl = await cache.fetch(f"{server}/xl.safetensors", LOC)  # SDXL single files are served too
+    assert xl.read_bytes() == _checkpoint(SDXL_NAMES)
     refused = {
-        "/xl.safetensors": "SDXL",
+        "/sd2.safetensors": "Stable Diffusion 2.x",
         "/model.ckpt": "only .safetensors",
         "/lora.safetensors": "not a Stable Diffusion",
         "/missing": "HTTP 404",
@@ -156,7 +164,7 @@ async def test_streamed_into_the_content_addressed_directory(server: str, tmp_pa
     uri = "data:application/octet-stream;base64," + base64.b64encode(other).decode()
     assert (await cache.fetch(uri, LOC)).read_bytes() == other
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        {a.name, f"{hashlib.sha256(other).hexdigest()}.safetensors"}
+        {a.name, xl.name, f"{hashlib.sha256(other).hexdigest()}.safetensors"}
     )
 
 
@@ -175,3 +183,34 @@ def test_builtin_sd15_config_is_the_real_architecture() -> None:
         text = CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder"))
     count = lambda m: sum(p.numel() for p in m.parameters())
     assert (count(unet), count(vae), count(text)) == (859_520_964, 83_653_863, 123_060_480)
+
+
+def test_builtin_sdxl_config_is_the_real_architecture() -> None:
+    """The committed SDXL configs build stable-diffusion-xl-base-1.0's networks (meta device, no weights):
+    known parameter counts, and the architecture signature a real SDXL single file is matched by."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ember.pipeline.base_models import BUILTIN_CONFIGS, _signature_of_config
+
+    root = BUILTIN_CONFIGS / "sdxl"
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder"))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(root / "text_encoder_2"))
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert (count(unet), count(vae), count(text), count(text_2)) == (
+        2_567_463_684,
+        83_653_863,
+        123_060_480,
+        694_659_840,
+    )
+    # sd_xl_base_1.0.safetensors: 70 UNet transformer blocks (1, 2, 10 per block), 2816 added conditions
+    transformer_blocks = sum(
+        1 for name, _ in unet.named_modules() if re.fullmatch(r".*transformer_blocks\.\d+", name)
+    )
+    signature = _signature_of_config(root)
+    assert signature["unet_transformer_blocks"] == transformer_blocks == 70
+    assert signature["added_cond_dim"] == 2816 and signature["cross_attention_dim"] == 2048

@@ -6,8 +6,8 @@ The URL goes through the SSRF-safe fetcher (or, for the gateway's own file URLs 
 uploads, is copied from the file store) chunk by chunk into a temporary file under
 `<EMBER_LORA_MODEL_ROOT>/checkpoints/`, hashed on the way. It is then checked as safetensors from its
 header alone (pickles and malformed layouts refused, as for every weight file), its family read from the
-tensor names (SDXL / SD 2.x refused by name until served; UNet-only files: UNet key names required,
-ember.specs.checkpoint_keys.unet_file_layout), and renamed to `<sha256>.safetensors`: the
+tensor names (SD1.5 and SDXL bases pass; SD 2.x and SDXL refiners refused by name; UNet-only files: UNet
+key names required, ember.specs.checkpoint_keys.unet_file_layout), and renamed to `<sha256>.safetensors`: the
 same content arriving from any URL is stored once, and the Triton side (which shares the directory) keys
 its conversion and export caches by that digest. The Triton model receives the file's path as MODEL_NAME.
 

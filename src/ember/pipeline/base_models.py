@@ -6,8 +6,10 @@
    header, no tensor loaded), its diffusers config is picked by shapes from the local config directories
    (no hub: `ember/specs/single_file_configs/` plus any under `<root>/single-file-configs/`), and it is
    converted once with diffusers' `from_single_file` into a diffusers directory cached by content digest.
-2. SDXL diffusers directories (a local one or an HF snapshot) run as StableDiffusionXLPipeline on the
-   torch runtime (ember.pipeline.lora_xl, which loads them itself); SDXL single-file checkpoints and SD 2.x
+   SDXL single files (SGM layout: conditioner.embedders.0/1) are converted the same way, with
+   StableDiffusionXLPipeline.from_single_file against `single_file_configs/sdxl` (or an operator config).
+2. SDXL diffusers directories (a local one, an HF snapshot, or a converted single file) run as
+   StableDiffusionXLPipeline on the torch runtime (ember.pipeline.lora_xl, which loads them itself); SD 2.x
    weights are refused naming model_name.
 3. Runners: torch loads the directory directly; onnxruntime (models.toml `[lora.sdv1-5] runtime`) exports
    text encoder, UNet and VAE decoder once through ember.specs.artifacts, keyed by the model's content (or
@@ -31,7 +33,15 @@ import torch
 
 from ember.runtime import Runner, torch_dtype
 from ember.settings import Settings
-from ember.specs.checkpoint_keys import SD1_TEXT, UNET, VAE, checkpoint_family, refusal
+from ember.specs.checkpoint_keys import (
+    SD1_TEXT,
+    SDXL_OPEN_CLIP,
+    SDXL_TEXT_0,
+    UNET,
+    VAE,
+    checkpoint_family,
+    refusal,
+)
 
 Log = Callable[[str], None]
 LORA_FAMILY = ("lora", "sdv1-5")  # models.toml entry + artifact family of fal-ai/lora base models
@@ -69,12 +79,40 @@ def refuse_family(family: str, name: str) -> None:
         raise ValueError(message)
 
 
+def _count(shapes: Mapping[str, Any], pattern: str) -> int:
+    """How many distinct values the one group of `pattern` takes over the tensor names."""
+    return len({m[1] for k in shapes if (m := re.match(pattern, k))})
+
+
 def _signature_of_checkpoint(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
     """The architecture sizes a config must agree with, read from the checkpoint's tensor shapes."""
+    try:
+        return _read_signature(checkpoint_family(shapes), shapes)
+    except (KeyError, StopIteration):  # a tensor every such checkpoint has is missing
+        raise ValueError(
+            "the checkpoint lacks tensors of a complete Stable Diffusion model (UNet input/attention, VAE "
+            "encoder, text encoder embeddings): send a full SD1.5 or SDXL base checkpoint"
+        ) from None
+
+
+def _read_signature(family: str, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
     conv_in = shapes[f"{UNET}input_blocks.0.0.weight"]  # (C0, in_channels, 3, 3)
     cross = next(s for k, s in shapes.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight"))
-    text = next(s for k, s in shapes.items() if k.endswith("token_embedding.weight"))  # (vocab, hidden)
-    layers = {m[1] for k in shapes if (m := re.match(rf"{re.escape(SD1_TEXT)}.*layers\.(\d+)\.", k))}
+    text_prefix = SDXL_TEXT_0 if family == "sdxl" else SD1_TEXT
+    # (vocab, hidden); some old SD1.x files lack the `text_model.` level
+    text = next(
+        s for k, s in shapes.items() if k.startswith(text_prefix) and k.endswith("token_embedding.weight")
+    )
+    layers = _count(shapes, rf"{re.escape(text_prefix)}.*layers\.(\d+)\.")
+    extra: dict[str, int] = {}
+    if family == "sdxl":
+        extra = {
+            "text_2_hidden": shapes[f"{SDXL_OPEN_CLIP}token_embedding.weight"][1],
+            "text_2_layers": _count(shapes, rf"{re.escape(SDXL_OPEN_CLIP)}transformer\.resblocks\.(\d+)\."),
+            # every transformer block of the UNet (transformer_layers_per_block decides it)
+            "unet_transformer_blocks": _count(shapes, rf"({re.escape(UNET)}.*transformer_blocks\.\d+)\."),
+            "added_cond_dim": shapes[f"{UNET}label_emb.0.0.weight"][1],  # (time_embed, 6 * T + pooled)
+        }
     return {
         "unet_channels": conv_in[0],
         "in_channels": conv_in[1],
@@ -82,13 +120,32 @@ def _signature_of_checkpoint(shapes: Mapping[str, tuple[int, ...]]) -> dict[str,
         "input_blocks": len({k.split(".")[3] for k in shapes if k.startswith(f"{UNET}input_blocks.")}),
         "vae_channels": shapes[f"{VAE}encoder.conv_in.weight"][0],
         "text_hidden": text[1],
-        "text_layers": len(layers),
+        "text_layers": layers,
+        **extra,
     }
 
 
 def _signature_of_config(config_dir: Path) -> dict[str, int]:
     read = lambda sub, name="config.json": json.loads((config_dir / sub / name).read_text(encoding="utf-8"))
     unet, vae, text = read("unet"), read("vae"), read("text_encoder")
+    extra: dict[str, int] = {}
+    if (config_dir / "text_encoder_2").is_dir():
+        text_2 = read("text_encoder_2")
+        blocks = len(unet["down_block_types"])
+        per_block = unet.get("transformer_layers_per_block", 1)
+        per_block = per_block if isinstance(per_block, list) else [per_block] * blocks
+        down = [i for i, t in enumerate(unet["down_block_types"]) if "CrossAttn" in t]
+        up = [i for i, t in enumerate(unet["up_block_types"]) if "CrossAttn" in t]
+        layers = unet["layers_per_block"]
+        extra = {
+            "text_2_hidden": text_2["hidden_size"],
+            "text_2_layers": text_2["num_hidden_layers"],
+            # down: layers_per_block attentions per block; up: one more; mid: the deepest block's depth
+            "unet_transformer_blocks": sum(per_block[i] * layers for i in down)
+            + sum(per_block[blocks - 1 - i] * (layers + 1) for i in up)
+            + per_block[-1],
+            "added_cond_dim": unet["projection_class_embeddings_input_dim"],
+        }
     return {
         "unet_channels": unet["block_out_channels"][0],
         "in_channels": unet["in_channels"],
@@ -98,6 +155,7 @@ def _signature_of_config(config_dir: Path) -> dict[str, int]:
         "vae_channels": vae["block_out_channels"][0],
         "text_hidden": text["hidden_size"],
         "text_layers": text["num_hidden_layers"],
+        **extra,
     }
 
 
@@ -116,23 +174,28 @@ def match_config(settings: Settings, shapes: Mapping[str, tuple[int, ...]]) -> P
         if _signature_of_config(config_dir) == want:
             return config_dir
     raise ValueError(
-        f"the checkpoint's architecture {want} matches none of the known SD1.5 configs; put its diffusers "
-        f"config directory (model_index.json + component configs) under "
+        f"the checkpoint's architecture {want} matches none of the known SD1.5 / SDXL configs; put its "
+        f"diffusers config directory (model_index.json + component configs) under "
         f"{settings.lora_models_dir / CONFIGS_SUBDIR}"
     )
 
 
 def _with_tokenizer(settings: Settings, config_dir: Path) -> Path:
-    """A config directory with a tokenizer/: built-in ones get CLIP's, written once from open_clip's BPE."""
-    if (config_dir / "tokenizer").is_dir():
+    """A config directory with its tokenizers: built-in ones get CLIP's, written once from open_clip's BPE
+    (SDXL: tokenizer_2 the same vocabulary padding with "!", as stable-diffusion-xl-base-1.0's)."""
+    xl = (config_dir / "text_encoder_2").is_dir()
+    if (config_dir / "tokenizer").is_dir() and (not xl or (config_dir / "tokenizer_2").is_dir()):
         return config_dir
     from ember.specs.clip_bpe import write_clip_tokenizer
 
     target = settings.export_dir / CONFIGS_SUBDIR / config_dir.name
-    if not (target / "tokenizer" / "vocab.json").is_file():
+    if not all((target / sub / "vocab.json").is_file() for sub in ("tokenizer", "tokenizer_2")[: 1 + xl]):
         staging = Path(tempfile.mkdtemp(prefix=f".{config_dir.name}-", dir=_mkdir(target.parent)))
         shutil.copytree(config_dir, staging / "config")
-        write_clip_tokenizer(staging / "config" / "tokenizer")
+        if not (staging / "config" / "tokenizer").is_dir():
+            write_clip_tokenizer(staging / "config" / "tokenizer")
+        if xl and not (staging / "config" / "tokenizer_2").is_dir():
+            write_clip_tokenizer(staging / "config" / "tokenizer_2", pad="!")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging / "config", target)
         shutil.rmtree(staging, ignore_errors=True)
@@ -156,12 +219,13 @@ def file_digest(path: Path) -> str:
 
 
 def convert_single_file(settings: Settings, path: Path, log: Log = _nothing) -> Path:
-    """The diffusers directory of SD1.5 single-file checkpoint `path`, converted on first use and cached
-    under <export_dir>/lora-single-file/<sha256>/. ValueError when it is not a servable SD1.5 checkpoint."""
+    """The diffusers directory of SD1.5 / SDXL single-file checkpoint `path`, converted on first use and
+    cached under <export_dir>/lora-single-file/<sha256>/. ValueError when it is not a servable checkpoint."""
     from ember.specs.artifacts import _exclusive
 
     shapes = checkpoint_shapes(path)
-    refuse_family(checkpoint_family(shapes), "the checkpoint")
+    family = checkpoint_family(shapes)
+    refuse_family(family, "the checkpoint")
     digest = file_digest(path)
     target = settings.export_dir / "lora-single-file" / digest
     if (target / "model_index.json").is_file():
@@ -170,17 +234,21 @@ def convert_single_file(settings: Settings, path: Path, log: Log = _nothing) -> 
     with _exclusive(settings.export_dir / "lora-single-file.lock"):
         if (target / "model_index.json").is_file():  # another process converted it meanwhile
             return target
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         log(f"converting single-file checkpoint {digest[:12]} ({config_dir.name} layout) to diffusers format")
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path),
-            config=str(_with_tokenizer(settings, config_dir)),
-            local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        config = str(_with_tokenizer(settings, config_dir))
+        if family == "sdxl":
+            pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=config, local_files_only=True)
+        else:
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path),
+                config=config,
+                local_files_only=True,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
         staging = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=_mkdir(target.parent)))
         try:
             pipe.save_pretrained(staging / "model", safe_serialization=True)
@@ -246,9 +314,21 @@ def convert_single_file_unet(settings: Settings, path: Path, config_dir: Path, l
     return target
 
 
+def single_file_family(source: str) -> str | None:
+    """The family of a single-file checkpoint `source` from its header ("sd15", "sdxl", ...); None for a
+    directory. Picks the base-model class before anything is converted (ember.pipeline.lora)."""
+    path = Path(source)
+    if not path.is_file():
+        return None
+    try:
+        return checkpoint_family(checkpoint_shapes(path))
+    except ValueError:
+        return None  # prepare() raises the full message
+
+
 def prepare(settings: Settings, ref: Any, log: Log = _nothing) -> Any:
     """`ref` (a ModelRef) with single-file checkpoints (model_name, unet_name) converted to directories;
-    SDXL/SD2 refused."""
+    SD2 refused (SDXL ones are prepared by ember.pipeline.lora_xl.XLBaseModel)."""
     import dataclasses
 
     source = Path(ref.source)

@@ -29,7 +29,7 @@ from ember.pipeline.ic_light import IcLightInput, IcLightStage, check_ic_light
 from ember.pipeline.ip_adapter import IPAdapterRequest, IPAdapterStage
 from ember.pipeline.latents import initial_latents
 from ember.pipeline.lora_controlnets import ControlNetInput, ControlNets, check_controlnets
-from ember.pipeline.lora_xl import XLBaseModel, is_xl_directory
+from ember.pipeline.lora_xl import XLBaseModel, is_xl_source
 from ember.pipeline.loras import LoraFile, LoraState
 from ember.pipeline.requests import StepCallback
 from ember.pipeline.schedulers import fal_scheduler_config, new_scheduler_with
@@ -154,7 +154,7 @@ class BaseModel:
     def __init__(self, settings: Settings, ref: ModelRef, on_log: Callable[[str], None] | None = None):
         from ember.pipeline import base_models
 
-        # Single-file checkpoints become (cached) diffusers directories; SDXL / SD2 weights are refused.
+        # Single-file checkpoints become (cached) diffusers directories; SD2 is refused (SDXL: XLBaseModel)
         # The runners run on the lora model's runtime (models.toml [lora.sdv1-5]): torch loads the
         # directory, onnxruntime exports it once into the artifact cache. `on_log`: the request's status.
         ref = base_models.prepare(settings, ref, on_log or base_models._nothing)
@@ -241,8 +241,8 @@ class LoraText2ImagePipeline:
         while len(self._models) >= self.max_models:
             evicted, _ = self._models.popitem(last=False)
             log(f"unloading base model {evicted.source} (EMBER_LORA_MAX_MODELS={self.max_models})")
-        # SDXL directories run as StableDiffusionXLPipeline (ember.pipeline.lora_xl), the rest as SD1.5
-        loader = XLBaseModel if is_xl_directory(ref.source) else BaseModel
+        # SDXL directories and single files run as StableDiffusionXLPipeline (ember.pipeline.lora_xl)
+        loader = XLBaseModel if is_xl_source(ref.source) else BaseModel
         model = self._models[ref] = loader(self.settings, ref, log)
         log(f"base model {ref.source} loaded in {time.perf_counter() - start:.1f}s")
         return model

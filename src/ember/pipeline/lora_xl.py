@@ -45,6 +45,13 @@ def is_xl_directory(source: str) -> bool:
     return root.is_dir() and (root / "model_index.json").is_file() and directory_family(source) == "sdxl"
 
 
+def is_xl_source(source: str) -> bool:
+    """An SDXL diffusers directory, or an SDXL single-file checkpoint (converted by XLBaseModel)."""
+    from ember.pipeline.base_models import single_file_family
+
+    return is_xl_directory(source) or single_file_family(source) == "sdxl"
+
+
 def xl_problems(request: Any) -> list[str]:
     """The fields of a LoraRequest this SDXL path does not serve yet, each named (fal's field names)."""
     problems = []
@@ -80,7 +87,9 @@ class XLBaseModel:
     """One resident SDXL base model: four runners (torch), two tokenizers, configs and its LoRA state."""
 
     def __init__(self, settings: Settings, ref: Any, on_log: Callable[[str], None] | None = None):
-        from ember.pipeline.base_models import LazyWeights, lora_runtime
+        import dataclasses
+
+        from ember.pipeline.base_models import LazyWeights, _nothing, convert_single_file, lora_runtime
         from ember.runtime.torch_runner import TorchRunner
         from ember.specs.lora_xl import bind_xl_loaders
 
@@ -92,6 +101,10 @@ class XLBaseModel:
             )
         if ref.unet:
             raise ValueError(f"unet_name: a custom UNet {_NOT_YET}")
+        if Path(ref.source).is_file():  # an SDXL single-file checkpoint: a cached diffusers directory
+            ref = dataclasses.replace(
+                ref, source=str(convert_single_file(settings, Path(ref.source), on_log or _nothing))
+            )
         self.source = ref.source
         root = Path(ref.source)
         parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae", "scheduler")

@@ -59,8 +59,8 @@ def create_runner(
 ) -> Runner:
     """The runner of `spec` for its model's runtime, loaded from `artifacts` (see ember.specs.ensure_artifacts).
 
-    `refittable`: the caller will swap weights with `Runner.refit` (LoRA). ONNX Runtime then builds its
-    session with overridable weights (a small per-run cost, so only on request); torch always can, TensorRT
+    `refittable`: the caller will swap weights with `Runner.refit` (LoRA). ONNX Runtime then builds a second
+    session with overridable weights on the first refit (the base keeps the plain one); torch always can, TensorRT
     when its engines were built with `--refit lora`.
     """
     key = artifacts.manifest["key"]

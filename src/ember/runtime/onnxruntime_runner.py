@@ -5,7 +5,8 @@ network's refit map (`<network>.refit.json`, ember.runtime.refit_map) as a graph
 initializer (ONNX IR >= 4: an initializer that is also a graph input is a default the caller may override,
 `InferenceSession.get_overridable_initializers`). Refit stores the new arrays; every run feeds them, which
 costs nothing on the CPU (ORT reads the numpy buffers in place), and weights not fed keep the file's values.
-Switching a LoRA set is then a dict update. The alternative, a new session per set with
+Switching a LoRA set is then a dict update. That session is built on the first refit away from the base;
+the base weights keep running on the plain session, so requests without LoRA pay nothing. The alternative, a new session per set with
 `SessionOptions.add_initializer`, keeps ORT's constant-weight optimizations (MatMul weight prepacking) but
 costs a session build per switch: measured on the full-size SD1.5 UNet (benchmarks/NOTES.md, "LoRA refit on
 ONNX Runtime"), 8-17 s per switch against ~0, for a small per-run cost.

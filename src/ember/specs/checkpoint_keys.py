@@ -4,7 +4,8 @@ cached file. No torch here (the gateway imports it).
 
 SD1.x: CLIP ViT-L under `cond_stage_model.transformer.`; SD 2.x: OpenCLIP under `cond_stage_model.model.`;
 SDXL: two text encoders under `conditioner.embedders.{0,1}.` and a UNet with the size/crop ("text_time")
-embedding `label_emb`. Names as diffusers' single_file_utils reads them (CHECKPOINT_KEY_NAMES).
+embedding `label_emb` (the refiner: that UNet with one OpenCLIP encoder at `conditioner.embedders.0.model.`).
+Names as diffusers' single_file_utils reads them (CHECKPOINT_KEY_NAMES).
 """
 
 from __future__ import annotations
@@ -16,35 +17,37 @@ VAE = "first_stage_model."
 SD1_TEXT = "cond_stage_model.transformer."
 SD2_TEXT = "cond_stage_model.model."
 SDXL_TEXT = "conditioner.embedders.1."
+SDXL_TEXT_0 = "conditioner.embedders.0.transformer."  # CLIP ViT-L, transformers names under it
+SDXL_OPEN_CLIP = "conditioner.embedders.1.model."  # OpenCLIP ViT-bigG, open_clip names under it
 SDXL_LABEL_EMB = f"{UNET}label_emb.0.0.weight"
-SERVED = "sd15"
+SERVED = ("sd15", "sdxl")
 
 
 def checkpoint_family(names: Iterable[str]) -> str:
-    """The family ("sd15", "sdxl" or "sd2"); ValueError for a file that is no Stable Diffusion checkpoint."""
+    """The family ("sd15", "sdxl", "sdxl_refiner" or "sd2"); ValueError for a file that is no Stable
+    Diffusion checkpoint."""
     keys = set(names)
-    if SDXL_LABEL_EMB in keys or any(k.startswith(SDXL_TEXT) for k in keys):
+    if any(k.startswith(SDXL_TEXT) for k in keys):
         return "sdxl"
+    if SDXL_LABEL_EMB in keys:  # the refiner: "text_time" UNet, one OpenCLIP encoder at embedders.0.model.
+        return "sdxl_refiner" if any(k.startswith("conditioner.embedders.0.model.") for k in keys) else "sdxl"
     if any(k.startswith(SD2_TEXT) for k in keys):
         return "sd2"
     if any(k.startswith(UNET) for k in keys) and any(k.startswith(SD1_TEXT) for k in keys):
         return "sd15"
     raise ValueError(
         "this is not a Stable Diffusion single-file checkpoint (no model.diffusion_model.* UNet and "
-        "cond_stage_model.* text encoder tensors); send a full SD1.5 .safetensors checkpoint"
+        "cond_stage_model.* / conditioner.embedders.* text encoder tensors); send a full SD1.5 or SDXL "
+        ".safetensors checkpoint"
     )
 
 
 def refusal(family: str, what: str) -> str | None:
     """Why `family` cannot be served yet (None when it can); `what` names the weights in the message."""
-    if family == "sdxl":
-        return (
-            f"{what} is an SDXL single-file checkpoint, which is not supported yet (SDXL bases are served "
-            "as diffusers directories: convert it with StableDiffusionXLPipeline.from_single_file + "
-            "save_pretrained under the model root, or name its Hugging Face id)"
-        )
+    if family == "sdxl_refiner":
+        return f"{what} is an SDXL refiner; fal-ai/lora serves SDXL base models (two text encoders)"
     if family == "sd2":
-        return f"{what} is a Stable Diffusion 2.x model; fal-ai/lora serves SD1.5 base models only"
+        return f"{what} is a Stable Diffusion 2.x model; fal-ai/lora serves SD1.5 and SDXL base models"
     return None
 
 

@@ -52,8 +52,9 @@ def bpe_merges_path() -> Path:
     raise RuntimeError(f"open_clip_torch {dist.version} has no {BPE_FILE}")
 
 
-def write_clip_tokenizer(directory: Path) -> Path:
-    """Write vocab.json, merges.txt and tokenizer_config.json of CLIP ViT-L/14's tokenizer into `directory`."""
+def write_clip_tokenizer(directory: Path, pad: str = EOS) -> Path:
+    """Write vocab.json, merges.txt and tokenizer_config.json of CLIP ViT-L/14's tokenizer into `directory`.
+    `pad`: the padding token; SDXL's tokenizer_2 pads with "!" (id 0) where CLIP pads with <|endoftext|>."""
     lines = gzip.decompress(bpe_merges_path().read_bytes()).decode("utf-8").split("\n")
     merges = lines[1 : NUM_MERGES + 1]  # line 0 is a version header
     symbols = list(_bytes_to_unicode().values())
@@ -70,7 +71,7 @@ def write_clip_tokenizer(directory: Path) -> Path:
         "model_max_length": CLIP_MAX_LENGTH,
         "bos_token": BOS,
         "eos_token": EOS,
-        "pad_token": EOS,
+        "pad_token": pad,
         "unk_token": EOS,
         "do_lower_case": True,
         "add_prefix_space": False,

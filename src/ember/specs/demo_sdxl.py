@@ -66,7 +66,7 @@ def _clip_config(hidden: int, act: str, projection: int) -> CLIPTextConfig:
     )
 
 
-def _unet(time_cond_proj_dim: int | None = 256) -> UNet2DConditionModel:
+def _unet(time_cond_proj_dim: int | None = 256, text_hidden_2: int = TEXT_HIDDEN_2) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=128,  # 1024 px / 8
         in_channels=4,
@@ -79,7 +79,7 @@ def _unet(time_cond_proj_dim: int | None = 256) -> UNet2DConditionModel:
         attention_head_dim=(2, 2, 4),  # real: (5, 10, 20)
         norm_num_groups=8,  # real: 32
         use_linear_projection=True,
-        cross_attention_dim=TEXT_HIDDEN + TEXT_HIDDEN_2,  # both encoders concatenated; real: 2048
+        cross_attention_dim=TEXT_HIDDEN + text_hidden_2,  # both encoders concatenated; real: 2048
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED,
         projection_class_embeddings_input_dim=6 * TIME_EMBED + PROJECTION_2,  # real: 2816
@@ -112,13 +112,15 @@ def _pad_with_exclamation(tokenizer_dir: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def build_tiny_sdxl(directory: Path) -> Path:
+def build_tiny_sdxl(directory: Path, text_hidden_2: int = TEXT_HIDDEN_2) -> Path:
     """The tiny SDXL *base* stand-in (fal-ai/lora's SDXL bases): build_tiny_lcm_sdxl's weights with a plain
-    UNet (no time_cond_proj_dim: classifier-free guidance) and the base's EulerDiscreteScheduler."""
-    return build_tiny_lcm_sdxl(directory, lcm=False)
+    UNet (no time_cond_proj_dim: classifier-free guidance) and the base's EulerDiscreteScheduler.
+    `text_hidden_2`: the second encoder's width; diffusers' from_single_file tells SDXL's two encoders
+    apart by width (768 vs 1280), so a single-file stand-in needs it to differ from TEXT_HIDDEN."""
+    return build_tiny_lcm_sdxl(directory, lcm=False, text_hidden_2=text_hidden_2)
 
 
-def build_tiny_lcm_sdxl(directory: Path, lcm: bool = True) -> Path:
+def build_tiny_lcm_sdxl(directory: Path, lcm: bool = True, text_hidden_2: int = TEXT_HIDDEN_2) -> Path:
     """Build the tiny LCM SDXL pipeline into `directory` (model_index.json + component folders), written
     to a temporary sibling first and renamed, so a reader never sees half a model. `lcm=False`: the UNet
     without the guidance embedding (build_tiny_sdxl)."""
@@ -133,10 +135,10 @@ def build_tiny_lcm_sdxl(directory: Path, lcm: bool = True) -> Path:
         pipe = StableDiffusionXLPipeline(
             vae=_vae(),
             text_encoder=CLIPTextModel(_clip_config(TEXT_HIDDEN, "quick_gelu", TEXT_HIDDEN)),
-            text_encoder_2=CLIPTextModelWithProjection(_clip_config(TEXT_HIDDEN_2, "gelu", PROJECTION_2)),
+            text_encoder_2=CLIPTextModelWithProjection(_clip_config(text_hidden_2, "gelu", PROJECTION_2)),
             tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
             tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer_2_dir),
-            unet=_unet(256 if lcm else None),
+            unet=_unet(256 if lcm else None, text_hidden_2),
             scheduler=EulerDiscreteScheduler.from_config(SDXL_BASE_SCHEDULER),
             force_zeros_for_empty_prompt=True,
             add_watermarker=False,
