@@ -102,9 +102,10 @@ class TestStack(Stack):
 
     def kill_triton(self) -> None:
         assert self.triton is not None
-        self.triton.send_signal(signal.SIGKILL)
+        # The whole process group (Triton runs in its own session): a crash of the server's container. A
+        # SIGKILL of the server alone leaves its Python backend stubs running, orphaned.
+        os.killpg(self.triton.pid, signal.SIGKILL)
         self.triton.wait(10)
-        # The Python backend's stub processes die with their server, or soon after.
 
     def start_triton(self, timeout: float = 60) -> None:
         self.triton = start_triton(self.settings, self.triton_log)
