@@ -10,29 +10,17 @@ from __future__ import annotations
 
 import traceback
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ember.pipeline import load_lcm_pipeline
 from ember.pipeline.lcm_io import INPUT_NAMES, LcmDefaults, parse_lcm_request, progress_arrays, result_arrays
 from ember.pipeline.lcm_models import LcmModels
 from ember.pipeline.lora_io import LoraFiles
+from ember.pipeline.triton_serving import fail, respond
 from ember.settings import get_settings
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 VARIANT = "sdv1-5"
-
-
-def _response(arrays: dict[str, np.ndarray]) -> pb_utils.InferenceResponse:
-    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()])
-
-
-def _fail(sender: pb_utils.InferenceResponseSender, message: str, code: int) -> None:
-    # gRPC streams carry only the error text, not its code: the gateway reads the kind from this
-    # prefix (ember.gateway.backend._classify).
-    if code == pb_utils.TritonError.INVALID_ARG:
-        message = f"invalid input: {message}"
-    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
 
 
 class TritonPythonModel:
@@ -61,11 +49,11 @@ class TritonPythonModel:
             try:
                 item = parse_lcm_request(arrays, self.defaults, request.is_cancelled, self.lora_files)
             except ValueError as exc:
-                _fail(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
+                fail(pb_utils, sender, str(exc), pb_utils.TritonError.INVALID_ARG)
                 continue
             problems = self.pipeline.problems(item)
             if problems:
-                _fail(sender, "; ".join(problems), pb_utils.TritonError.INVALID_ARG)
+                fail(pb_utils, sender, "; ".join(problems), pb_utils.TritonError.INVALID_ARG)
                 continue
             senders.append(sender)
             items.append(item)
@@ -74,21 +62,21 @@ class TritonPythonModel:
 
         # 2. Run them together (the pipeline groups compatible ones), streaming progress per step
         def on_step(index: int, step: int, total: int) -> None:
-            senders[index].send(_response(progress_arrays(step, total)))
+            senders[index].send(respond(pb_utils, progress_arrays(step, total)))
 
         try:
             results = self.pipeline(items, on_step)
         except Exception as exc:  # noqa: BLE001 - every stream must end, whatever broke
             self.log.log_error(f"lcm pipeline failed: {traceback.format_exc()}")
             for sender in senders:
-                _fail(sender, f"lcm pipeline failed: {exc}", pb_utils.TritonError.INTERNAL)
+                fail(pb_utils, sender, f"lcm pipeline failed: {exc}", pb_utils.TritonError.INTERNAL)
             return
 
         # 3. Images (or the cancellation) per request, then the final flag
         for sender, result in zip(senders, results, strict=True):
             if result.cancelled:
                 self.log.log_info("lcm: a request was cancelled by its client and left its batch")
-                _fail(sender, "request cancelled", pb_utils.TritonError.CANCELLED)
+                fail(pb_utils, sender, "request cancelled", pb_utils.TritonError.CANCELLED)
                 continue
             # Logged, not sent: Triton 2.51's Python stub cannot attach response parameters, and the
             # gateway knows the same fact from its own input (LCM never uses a negative_prompt).
@@ -98,7 +86,7 @@ class TritonPythonModel:
                 )
             # The images response carries the FINAL flag itself: a client that stops reading at IMAGES
             # (the gateway does) leaves no trailing empty response behind in Triton's stream state.
-            sender.send(_response(result_arrays(result)), flags=FINAL)
+            sender.send(respond(pb_utils, result_arrays(result)), flags=FINAL)
 
     # No finalize(): releasing the onnxruntime sessions there (their intra-op thread pools) stalls the
     # stub's unload until Triton's 30 s exit timeout (measured with Triton 2.51); process exit frees them.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import traceback
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ember.pipeline.lora import LoraText2ImagePipeline, check_request
@@ -21,20 +20,10 @@ from ember.pipeline.lora_io import (
     progress_arrays,
     result_arrays,
 )
+from ember.pipeline.triton_serving import fail, respond
 from ember.settings import get_settings
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-def _response(arrays: dict[str, np.ndarray]) -> pb_utils.InferenceResponse:
-    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()])
-
-
-def _fail(sender: pb_utils.InferenceResponseSender, message: str, code: int) -> None:
-    # gRPC streams carry only the error text: the gateway reads the kind from this prefix.
-    if code == pb_utils.TritonError.INVALID_ARG:
-        message = f"invalid input: {message}"
-    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
 
 
 class TritonPythonModel:
@@ -58,11 +47,11 @@ class TritonPythonModel:
             try:
                 item = parse_lora_request(arrays, self.model_root, self.lora_files, request.is_cancelled)
             except (ValueError, KeyError, TypeError) as exc:
-                _fail(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
+                fail(pb_utils, sender, str(exc), pb_utils.TritonError.INVALID_ARG)
                 continue
             problems = check_request(item)
             if problems:
-                _fail(sender, "; ".join(problems), pb_utils.TritonError.INVALID_ARG)
+                fail(pb_utils, sender, "; ".join(problems), pb_utils.TritonError.INVALID_ARG)
                 continue
             senders.append(sender)
             items.append(item)
@@ -71,25 +60,25 @@ class TritonPythonModel:
 
         # 2. Run them (the pipeline groups compatible ones), streaming model-loading lines and progress
         def on_step(index: int, step: int, total: int) -> None:
-            senders[index].send(_response(progress_arrays(step, total)))
+            senders[index].send(respond(pb_utils, progress_arrays(step, total)))
 
         def on_log(index: int, message: str) -> None:
             self.log.log_info(f"lora: {message}")
-            senders[index].send(_response(log_arrays(message)))
+            senders[index].send(respond(pb_utils, log_arrays(message)))
 
         try:
             results = self.pipeline(items, on_step, on_log)
         except Exception as exc:  # noqa: BLE001 - every stream must end, whatever broke
             self.log.log_error(f"lora pipeline failed: {traceback.format_exc()}")
             for sender in senders:
-                _fail(sender, f"lora pipeline failed: {exc}", pb_utils.TritonError.INTERNAL)
+                fail(pb_utils, sender, f"lora pipeline failed: {exc}", pb_utils.TritonError.INTERNAL)
             return
 
         # 3. Images, the request's error, or its cancellation, each with the final flag
         for sender, result in zip(senders, results, strict=True):
             if result.error is not None:
-                _fail(sender, result.error, pb_utils.TritonError.INVALID_ARG)
+                fail(pb_utils, sender, result.error, pb_utils.TritonError.INVALID_ARG)
             elif result.cancelled:
-                _fail(sender, "request cancelled", pb_utils.TritonError.CANCELLED)
+                fail(pb_utils, sender, "request cancelled", pb_utils.TritonError.CANCELLED)
             else:
-                sender.send(_response(result_arrays(result)), flags=FINAL)
+                sender.send(respond(pb_utils, result_arrays(result)), flags=FINAL)

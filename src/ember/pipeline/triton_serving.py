@@ -31,18 +31,23 @@ class EndpointModel:
     defaults: Any
 
 
+def respond(pb_utils: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """One decoupled response carrying `arrays` as output tensors."""
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()])
+
+
+def fail(pb_utils: Any, sender: Any, message: str, code: int) -> None:
+    """End a request's stream with an error (FINAL)."""
+    # gRPC streams carry only the error text, not its code: the gateway reads the kind from this
+    # prefix (ember.gateway.backend._classify).
+    if code == pb_utils.TritonError.INVALID_ARG:
+        message = f"invalid input: {message}"
+    final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=final)
+
+
 def execute(pb_utils: Any, model: EndpointModel, requests: list) -> None:
     final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-    def respond(arrays: dict[str, np.ndarray]) -> Any:
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in arrays.items()])
-
-    def fail(sender: Any, message: str, code: int) -> None:
-        # gRPC streams carry only the error text, not its code: the gateway reads the kind from this
-        # prefix (ember.gateway.backend._classify).
-        if code == pb_utils.TritonError.INVALID_ARG:
-            message = f"invalid input: {message}"
-        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=final)
 
     # 1. Parse and validate every request; answer the bad ones now, keep the good ones
     senders, items = [], []
@@ -55,11 +60,11 @@ def execute(pb_utils: Any, model: EndpointModel, requests: list) -> None:
         try:
             item = model.parse(arrays, model.defaults, request.is_cancelled)
         except ValueError as exc:
-            fail(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
+            fail(pb_utils, sender, str(exc), pb_utils.TritonError.INVALID_ARG)
             continue
         problems = model.check(item)
         if problems:
-            fail(sender, "; ".join(problems), pb_utils.TritonError.INVALID_ARG)
+            fail(pb_utils, sender, "; ".join(problems), pb_utils.TritonError.INVALID_ARG)
             continue
         senders.append(sender)
         items.append(item)
@@ -68,20 +73,22 @@ def execute(pb_utils: Any, model: EndpointModel, requests: list) -> None:
 
     # 2. Run them together (the pipeline groups compatible ones), streaming progress per step
     def on_step(index: int, step: int, total: int) -> None:
-        senders[index].send(respond(model.progress_arrays(step, total)))
+        senders[index].send(respond(pb_utils, model.progress_arrays(step, total)))
 
     try:
         results = model.pipeline(items, on_step)
     except Exception as exc:  # noqa: BLE001 - every stream must end, whatever broke
         pb_utils.Logger.log_error(f"{model.name} pipeline failed: {traceback.format_exc()}")
         for sender in senders:
-            fail(sender, f"{model.name} pipeline failed: {exc}", pb_utils.TritonError.INTERNAL)
+            fail(pb_utils, sender, f"{model.name} pipeline failed: {exc}", pb_utils.TritonError.INTERNAL)
         return
 
     # 3. Result (or the cancellation) per request; the result response carries the FINAL flag itself
     for sender, result in zip(senders, results, strict=True):
         if result.cancelled:
-            pb_utils.Logger.log_info(f"{model.name}: a request was cancelled by its client and left its batch")
-            fail(sender, "request cancelled", pb_utils.TritonError.CANCELLED)
+            pb_utils.Logger.log_info(
+                f"{model.name}: a request was cancelled by its client and left its batch"
+            )
+            fail(pb_utils, sender, "request cancelled", pb_utils.TritonError.CANCELLED)
             continue
-        sender.send(respond(model.result_arrays(result)), flags=final)
+        sender.send(respond(pb_utils, model.result_arrays(result)), flags=final)
