@@ -8,9 +8,11 @@ with `Runner.refit`. The base copy of every weight a LoRA ever touched is kept, 
 
 from __future__ import annotations
 
+import re
+import types
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +23,11 @@ from ember.runtime import Runner
 # unet + text_encoder; SDXL files add text_encoder_2 (the second CLIP, kohya's lora_te2_). Which of these a
 # pipeline can refit is LoraState's business: a component it lacks is refused there, by name.
 COMPONENTS = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+# Kohya trains SDXL on the original (SGM/LDM) UNet, whose blocks are numbered flat: input_blocks.N,
+# middle_block.N, output_blocks.N. Mapping them to diffusers' down_blocks.b.{resnets,attentions}.l needs the
+# UNet's layers_per_block; every SDXL UNet has 2, which parse_lora assumes until LoraState knows the model.
+_SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
+SDXL_LAYERS_PER_BLOCK = 2
 
 
 @dataclass(frozen=True)
@@ -31,18 +38,39 @@ class LoraFile:
     factors: dict[
         str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     ]  # comp -> weight -> (B, A, alpha/r)
+    # Kohya SGM block names only: the file as read and the layers_per_block its UNet names were mapped
+    # with, so LoraState can map them again for a UNet laid out otherwise (for_layout).
+    sgm: Mapping[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    sgm_layers_per_block: int | None = None
+
+    def for_layout(self, layers_per_block: int) -> LoraFile:
+        """This LoRA with its SGM block names mapped for a UNet of `layers_per_block` (itself otherwise)."""
+        if self.sgm is None or self.sgm_layers_per_block == layers_per_block:
+            return self
+        return parse_lora(dict(self.sgm), self.digest, layers_per_block)
 
 
-def parse_lora(state_dict: dict[str, torch.Tensor], digest: str) -> LoraFile:
+def is_sgm_lora(state_dict: Mapping[str, Any]) -> bool:
+    """A kohya LoRA naming the UNet in the original SGM blocks (lora_unet_input_blocks_4_1_...)."""
+    return any(key.startswith("lora_unet_") and any(b in key for b in _SGM_BLOCKS) for key in state_dict)
+
+
+def parse_lora(
+    state_dict: dict[str, torch.Tensor], digest: str, layers_per_block: int = SDXL_LAYERS_PER_BLOCK
+) -> LoraFile:
     """Parse a LoRA safetensors state dict in any format diffusers reads (its own, PEFT, kohya / A1111),
     SD1.5 or SDXL: diffusers' SDXL `lora_state_dict` normalizes the names first (it reads both families: the
     SD1.5 one is the same conversion, and kohya's lora_te1_ / lora_te2_ become text_encoder / text_encoder_2).
-    Kohya SDXL files in SGM block names (input_blocks.*) need the UNet config to be remapped, which diffusers
-    does only when given one: such names stay unmatched and LoraState.problems refuses them by name.
-    ValueError when nothing is a LoRA weight."""
+    Kohya SDXL files in SGM block names (input_blocks.*) are remapped by diffusers' own conversion for a UNet
+    of `layers_per_block` (as load_lora_weights does with the pipeline's UNet config); LoraState maps them
+    again when its UNet has another layout. ValueError when nothing is a LoRA weight."""
     from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
 
-    normalized, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(dict(state_dict))
+    sgm = is_sgm_lora(state_dict)
+    unet_config = types.SimpleNamespace(layers_per_block=layers_per_block) if sgm else None
+    normalized, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(
+        dict(state_dict), unet_config=unet_config
+    )
     alphas = alphas or {}
     factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {c: {} for c in COMPONENTS}
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -70,7 +98,12 @@ def parse_lora(state_dict: dict[str, torch.Tensor], digest: str) -> LoraFile:
             factors[component][module + ".weight"] = (up.float(), down.float(), float(alpha) / rank)
     if not any(factors.values()):
         raise ValueError("the file holds no LoRA weights (expected lora_A/lora_B or lora_down/lora_up pairs)")
-    return LoraFile(digest=digest, factors={c: f for c, f in factors.items() if f})
+    return LoraFile(
+        digest=digest,
+        factors={c: f for c, f in factors.items() if f},
+        sgm=dict(state_dict) if sgm else None,
+        sgm_layers_per_block=layers_per_block if sgm else None,
+    )
 
 
 def _peft_names(component: str, part: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -146,6 +179,22 @@ class LoraState:
         self._touched: dict[str, set[str]] = {c: set() for c in runners}
         self._merged: OrderedDict[tuple, dict[str, dict[str, torch.Tensor]]] = OrderedDict()
         self._max_cached = max_cached_sets
+        self._relaid: dict[str, LoraFile] = {}  # SGM-named LoRAs mapped for this UNet's layout, by digest
+
+    def _laid_out(self, loras: Sequence[tuple[LoraFile, float]]) -> list[tuple[LoraFile, float]]:
+        """`loras` with kohya SGM block names mapped for this model's UNet (its layers_per_block, read
+        from its weight names: down_blocks.0.resnets.<l>.); other LoRAs as they are."""
+        out = []
+        for lora, scale in loras:
+            if lora.sgm is not None and "unet" in self._base_state:
+                if lora.digest not in self._relaid:
+                    resnets = re.compile(r"down_blocks\.0\.resnets\.(\d+)\.")
+                    found = [int(m.group(1)) for m in map(resnets.match, self._base_state["unet"]) if m]
+                    layers = 1 + max(found, default=SDXL_LAYERS_PER_BLOCK - 1)
+                    self._relaid[lora.digest] = lora.for_layout(layers)
+                lora = self._relaid[lora.digest]
+            out.append((lora, scale))
+        return out
 
     def _live(self, component: str, weights: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
         """The LoRA weights of `component` minus the inert ones."""
@@ -169,7 +218,7 @@ class LoraState:
         merged or refit: components these runners lack, weight names or shapes the base does not have.
         Reads (and keeps) the pristine copy of each weight named, which the merge needs anyway."""
         problems: list[str] = []
-        for lora, _ in loras:
+        for lora, _ in self._laid_out(loras):
             for component, weights in lora.factors.items():
                 if component not in self.runners:
                     problems.append(f"the LoRA changes the {component}, which this model cannot refit")
@@ -189,7 +238,7 @@ class LoraState:
 
     def _merge(self, loras: Sequence[tuple[LoraFile, float]]) -> dict[str, dict[str, torch.Tensor]]:
         merged: dict[str, dict[str, torch.Tensor]] = {}
-        for lora, scale in loras:
+        for lora, scale in self._laid_out(loras):
             for component, weights in lora.factors.items():
                 out = merged.setdefault(component, {})
                 for name, (up, down, ratio) in self._live(component, weights):
