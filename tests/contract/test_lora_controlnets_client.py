@@ -124,3 +124,40 @@ def test_bad_controlnets_are_422(
     assert info.value.status_code == 422
     detail = info.value.response.json()["detail"]
     assert any(d["loc"][: len(loc)] == loc and says in d["msg"] for d in detail), detail
+
+
+@pytest.fixture(scope="module")
+def xl_models(stack_settings: Settings) -> dict[str, str]:
+    """A tiny SDXL base with SDXL's UNet layout and a tiny SDXL ControlNet, under the allowed model root."""
+    from ember.specs.demo_controlnet_xl import build_tiny_sdxl_controllable, build_tiny_xl_controlnet
+
+    root = stack_settings.lora_models_dir
+    base, controlnet = root / "tiny-sdxl-controllable", root / "tiny-xl-controlnet"
+    if not (base / "model_index.json").is_file():
+        build_tiny_sdxl_controllable(base)
+    if not (controlnet / "config.json").is_file():
+        build_tiny_xl_controlnet(controlnet)
+    return {"base": str(base.resolve()), "controlnet": str(controlnet.resolve())}
+
+
+def test_sdxl_controlnet_directory_and_single_file(fal_client: ModuleType, client_env, xl_models) -> None:
+    """An SDXL ControlNet on an SDXL base; the same weights as one .safetensors data URI with config_url
+    (streamed to the checkpoint store by the gateway) give the same pixels."""
+    directory = Path(xl_models["controlnet"])
+    weights = (directory / "diffusion_pytorch_model.safetensors").read_bytes()
+    unit = {"path": str(directory), "image_url": _data_uri(_rings()), "conditioning_scale": 1.2}
+    single = {
+        **unit,
+        "path": "data:application/octet-stream;base64," + base64.b64encode(weights).decode(),
+        "config_url": "data:application/json;base64,"
+        + base64.b64encode((directory / "config.json").read_bytes()).decode(),
+    }
+    args = {**_args(xl_models), "guidance_scale": 5.0, "negative_prompt": "blurry"}
+    results = [
+        fal_client.run(ENDPOINT, arguments={**args, **extra})
+        for extra in ({"controlnets": [unit]}, {"controlnets": [single]}, {})
+    ]
+    controlled, from_file, plain = (_pixels(r, client_env["SSL_CERT_FILE"]) for r in results)
+    assert controlled.shape == (64, 96, 3)
+    assert np.array_equal(controlled, from_file), "the single-file ControlNet differs from its directory"
+    assert np.abs(controlled.astype(int) - plain.astype(int)).max() > 10, "the ControlNet changed nothing"

@@ -124,7 +124,6 @@ def test_ip_adapter_through_fal_client(
     ("change", "loc"),
     [
         ({"insight_face_model_path": "buffalo_l"}, ["body", "ip_adapter", 0, "insight_face_model_path"]),
-        ({"unconditional_noising_factor": 0.5}, ["body", "ip_adapter", 0, "unconditional_noising_factor"]),
         ({"weight_name": "ip-adapter_sd15.bin"}, ["body", "ip_adapter", 0, "weight_name"]),
         ({"path": "/etc"}, ["body", "ip_adapter", 0, "path"]),
         ({"model_subfolder": "../../.."}, ["body", "ip_adapter", 0, "model_subfolder"]),

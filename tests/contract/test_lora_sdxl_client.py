@@ -1,7 +1,8 @@
 """fal-client, unmodified, through fal-ai/lora with `model_name` pointing at a tiny SDXL base directory under
 the allowed model root (ember.pipeline.lora_xl): an image at the asked size, an SDXL LoRA (UNet and both
-text encoders) that changes it and is undone for the next request, and the fields not served for SDXL
-bases refused with a 422 naming them."""
+text encoders) that changes it and is undone for the next request, an SDXL textual-inversion embedding
+with a weighted prompt over 77 tokens (equal to the in-process pipeline), and an SD1.5 embedding on the SDXL
+base refused with a 422 at its path."""
 
 from __future__ import annotations
 
@@ -65,18 +66,83 @@ def test_sdxl_base_with_and_without_lora(fal_client: ModuleType, client_env, tin
     assert np.array_equal(a, c), "the base weights were not restored after the LoRA request"
 
 
-@pytest.mark.parametrize(
-    ("change", "field"),
-    [
-        ({"prompt_weighting": True}, "prompt_weighting"),
-        ({"embeddings": [{"path": "https://example.com/e.safetensors", "tokens": ["<e>"]}]}, "embeddings"),
-        ({"unet_name": "owner/unet"}, "unet_name"),
-    ],
-)
-def test_unserved_sdxl_fields_are_422(fal_client: ModuleType, tiny_xl: str, change: dict, field: str) -> None:
-    args = {"model_name": tiny_xl, "prompt": "x", "image_size": {"width": 64, "height": 64}, **change}
+def _data_uri(data: bytes) -> str:
+    return "data:application/octet-stream;base64," + base64.b64encode(data).decode()
+
+
+def test_sdxl_embedding_with_weighted_long_prompt(
+    fal_client: ModuleType, client_env, tiny_xl: str, tmp_path: Path
+):
+    """An SDXL embedding file ({"clip_l", "clip_g"}) as a data URI, fal's default tokens <s0>, <s1>, and a
+    weighted prompt of more than 77 tokens: the image equals the same request run in-process (what the
+    wire carried arrived intact), and the embedding changes it."""
+    import torch
+    from safetensors.torch import save
+
+    from ember.pipeline.lora import LoraRequest, LoraText2ImagePipeline, ModelRef
+    from ember.pipeline.textual_inversion import load_embedding
+    from ember.specs.demo_sdxl import TEXT_HIDDEN, TEXT_HIDDEN_2
+    from tests.pipeline.conftest import tiny_settings
+
+    generator = torch.Generator().manual_seed(12)
+    embedding = save(
+        {
+            "clip_l": torch.randn(2, TEXT_HIDDEN, generator=generator),
+            "clip_g": torch.randn(2, TEXT_HIDDEN_2, generator=generator),
+        }
+    )
+    prompt = "a photo of (<s0> <s1>)1.3 in the (snow)0.7, " + ", ".join(
+        f"a red fox number {i}" for i in range(20)
+    )
+    args = {
+        "model_name": tiny_xl,
+        "prompt": prompt,
+        "negative_prompt": "(blurry)1.2, <s1>",
+        "prompt_weighting": True,
+        "embeddings": [{"path": _data_uri(embedding)}],
+        "image_size": {"width": 64, "height": 64},
+        "num_inference_steps": 3,
+        "guidance_scale": 5.0,
+        "seed": 21,
+        "image_format": "png",
+    }
+    served = _pixels(fal_client.run(ENDPOINT, arguments=args), client_env["SSL_CERT_FILE"]).astype(np.int16)
+    pipeline = LoraText2ImagePipeline(
+        tiny_settings(
+            tmp_path / "var", EMBER_RUNTIME="torch", EMBER_LORA_MODEL_ROOT=str(Path(tiny_xl).parent)
+        )
+    )
+    request = LoraRequest(
+        model=ModelRef(tiny_xl),
+        prompt=prompt,
+        negative_prompt=args["negative_prompt"],
+        seed=21,
+        width=64,
+        height=64,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        prompt_weighting=True,
+        embeddings=(load_embedding(embedding, ["<s0>", "<s1>"]),),
+    )
+    (expected,) = pipeline([request])
+    assert expected.error is None, expected.error
+    assert np.abs(served - expected.images[0].numpy().astype(np.int16)).max() <= 1
+    without = fal_client.run(ENDPOINT, arguments={**args, "embeddings": []})
+    assert np.abs(served - _pixels(without, client_env["SSL_CERT_FILE"])).max() > 0
+
+
+def test_sd15_embedding_on_sdxl_base_is_422_at_its_path(fal_client: ModuleType, tiny_xl: str) -> None:
+    import torch
+    from safetensors.torch import save
+
+    args = {
+        "model_name": tiny_xl,
+        "prompt": "a <s0> fox",
+        "embeddings": [{"path": _data_uri(save({"emb_params": torch.zeros(2, 32)}))}],
+        "image_size": {"width": 64, "height": 64},
+    }
     with pytest.raises(fal_client.client.FalClientHTTPError) as info:
         fal_client.run(ENDPOINT, arguments=args)
     assert info.value.status_code == 422
     detail = info.value.response.json()["detail"]
-    assert any(d["loc"][:2] == ["body", field] and "SDXL" in d["msg"] for d in detail), detail
+    assert any(d["loc"] == ["body", "embeddings", 0, "path"] and "SDXL" in d["msg"] for d in detail), detail

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ember.pipeline.ic_light import IcLightInput, check_ic_light
+from ember.pipeline.ic_light import IcLightInput
 from ember.pipeline.lora import LoraRequest, LoraText2ImagePipeline, ModelRef
 from ember.specs.demo_lora import build_tiny_sd15
 from tests.pipeline.conftest import tiny_settings
@@ -52,21 +52,14 @@ def _image(seed: int, size: tuple[int, int]) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
 
 
-def _reference(sd15_dir: Path, weights: bytes, fg: np.ndarray, bg: np.ndarray | None, scheduler, **kw):
-    """IC-Light's procedure on diffusers (gradio_demo.py): returns the uint8 images (k, H, W, 3)."""
-    import diffusers
+def patch_reference(
+    pipe, weights: bytes, fg: np.ndarray, bg: np.ndarray | None, width: int = W, height: int = H
+):
+    """IC-Light's gradio_demo.py on a diffusers pipeline (any with .unet and .vae): conv_in widened, the
+    UNet's forward hooked to concatenate cross_attention_kwargs["concat_conds"], the offsets added; returns
+    those concat_conds (1, 4 | 8, h, w) for `fg` (and `bg`) at width x height."""
     from safetensors.torch import load
 
-    from ember.pipeline.schedulers import fal_scheduler_config
-
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        sd15_dir, safety_checker=None, requires_safety_checker=False, dtype=torch.float32
-    )
-    pipe.set_progress_bar_config(disable=True)
-    config = fal_scheduler_config(
-        {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}, scheduler
-    )
-    pipe.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
     unet, vae = pipe.unet, pipe.vae
     sd_offset = load(weights)
     with torch.no_grad():  # "Change UNet"
@@ -108,12 +101,29 @@ def _reference(sd15_dir: Path, weights: bytes, fg: np.ndarray, bg: np.ndarray | 
     def numpy2pytorch(imgs):
         return (torch.from_numpy(np.stack(imgs, axis=0)).float() / 127.0 - 1.0).movedim(-1, 1)
 
-    images = [resize_and_center_crop(fg, W, H)] + (
-        [resize_and_center_crop(bg, W, H)] if bg is not None else []
+    images = [resize_and_center_crop(fg, width, height)] + (
+        [resize_and_center_crop(bg, width, height)] if bg is not None else []
     )
     with torch.no_grad():
         concat_conds = vae.encode(numpy2pytorch(images)).latent_dist.mode() * vae.config.scaling_factor
-    concat_conds = torch.cat([c[None, ...] for c in concat_conds], dim=1)
+    return torch.cat([c[None, ...] for c in concat_conds], dim=1)
+
+
+def _reference(sd15_dir: Path, weights: bytes, fg: np.ndarray, bg: np.ndarray | None, scheduler, **kw):
+    """IC-Light's procedure on diffusers (gradio_demo.py): returns the uint8 images (k, H, W, 3)."""
+    import diffusers
+
+    from ember.pipeline.schedulers import fal_scheduler_config
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        sd15_dir, safety_checker=None, requires_safety_checker=False, dtype=torch.float32
+    )
+    pipe.set_progress_bar_config(disable=True)
+    config = fal_scheduler_config(
+        {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}, scheduler
+    )
+    pipe.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+    concat_conds = patch_reference(pipe, weights, fg, bg)
     out = pipe(
         height=H,
         width=W,
@@ -198,7 +208,6 @@ def test_fc_and_fbc_files_need_the_matching_images(pipeline, sd15_dir) -> None:
     bad.write(save({"conv_in.weight": torch.zeros(4, 5, 3, 3)}))
     (wrong,) = pipeline([LoraRequest(**base, ic_light=IcLightInput.of(bad.getvalue(), fg))])
     assert "8 (fc) or 12 (fbc)" in wrong.error
-    assert check_ic_light(LoraRequest(**base, ic_light=IcLightInput.of(fc, fg), loras=((None, 1.0),)))
 
 
 _RESNET_TO_LDM = {

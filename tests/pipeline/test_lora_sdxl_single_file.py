@@ -92,7 +92,16 @@ def test_sdxl_single_file_serves_the_same_images_as_the_directory(root, tmp_path
         _images(LoraText2ImagePipeline(settings), ModelRef(str(checkpoint)), logs), from_dir
     )
     assert not any(m.startswith("converting") for m in logs), logs
-    # What SDXL bases do not serve yet is refused by name for single files too (ember.pipeline.lora_xl).
-    request = LoraRequest(model=ModelRef(str(checkpoint)), prompt="x", seed=0, width=SIZE, height=SIZE)
+    # SDXL's text features serve single files too: a prompt without weighting syntax conditions exactly as
+    # without prompt_weighting (ember.pipeline.xl_text_conditioning).
+    request = LoraRequest(
+        model=ModelRef(str(checkpoint)),
+        prompt="a red fox",
+        negative_prompt="blurry",
+        seed=7,
+        width=SIZE,
+        height=SIZE,
+        num_inference_steps=STEPS,
+    )
     (result,) = pipeline([dataclasses.replace(request, prompt_weighting=True)])
-    assert result.images is None and "prompt_weighting" in result.error, result.error
+    assert result.error is None and np.array_equal(result.images.numpy(), from_dir), result.error

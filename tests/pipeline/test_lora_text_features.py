@@ -211,6 +211,14 @@ def test_embedding_errors_fail_only_their_request(pipeline, sd15_dir):
     assert bad_token.images is None and "embeddings[0].tokens" in bad_token.error
 
 
+def test_sdxl_embedding_on_sd15_base_is_refused_by_index(pipeline, sd15_dir):
+    sd15 = load_embedding(_bytes({"emb_params": torch.randn(1, HIDDEN)}), ["<a>"])
+    sdxl = load_embedding(_bytes({"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}), ["<b>"])
+    (result,) = pipeline([_request(sd15_dir, embeddings=(sd15, sdxl))])
+    assert result.images is None
+    assert result.error.startswith("embeddings[1]: an SDXL embedding") and "SD1.5 base" in result.error
+
+
 def _bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     from safetensors.torch import save
 
@@ -220,7 +228,7 @@ def _bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 @pytest.mark.parametrize(
     ("tensors", "message"),
     [
-        ({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, "SDXL embedding"),
+        ({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(3, 1280)}, "each token needs one of each"),
         ({"a": torch.zeros(2, 4), "b": torch.zeros(2, 4)}, "not a textual-inversion embedding"),
         ({"emb_params": torch.zeros(2, 3, 4)}, "expected (D,) or (vectors, D)"),
         ({"emb_params": torch.zeros(2, 4, dtype=torch.int32)}, "not floating-point"),
@@ -323,6 +331,10 @@ def test_onnxruntime_base_model_with_lora_and_embedding(pipeline, sd15_dir, tmp_
     embedding = load_embedding(_bytes({"emb_params": torch.randn(2, HIDDEN)}), ["<e>"])
     ort([_request(sd15_dir, loras=lora)])  # refits the plain encoder before the extended one exists
     assert type(ort.model(ModelRef(str(sd15_dir))).text_encoder).__name__ == "OnnxRuntimeRunner"
+    # The exported UNet takes one 77-token window: a longer weighted prompt fails alone, by name.
+    long, short = ort([_request(sd15_dir, prompt=LONG, prompt_weighting=True), _request(sd15_dir)])
+    assert long.images is None and long.error.startswith("prompt_weighting: a prompt of 2 windows")
+    assert short.error is None and short.images is not None
     for kw in (
         {"loras": lora, "embeddings": (embedding,), "prompt": "a (<e>)1.2 fox", "prompt_weighting": True},
         {"embeddings": (embedding,), "prompt": "a <e> fox"},  # back to the base weights

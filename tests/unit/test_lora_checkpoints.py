@@ -94,7 +94,7 @@ def test_model_name_accepts_checkpoint_urls_and_files(tmp_path: Path) -> None:
     from ember.endpoints.lora.translate import check_sdxl_fields
 
     check_sdxl_fields(LoraInput(prompt="x", model_name=str(root / "xl")), root)
-    for field, value in (("prompt_weighting", True), ("unet_name", "owner/unet")):
+    for field, value in (("ic_light_model_url", "https://example.com/iclight.safetensors"),):
         with pytest.raises(InputError, match="SDXL") as info:
             check_sdxl_fields(LoraInput(prompt="x", model_name=str(root / "xl"), **{field: value}), root)
         assert info.value.loc == ("body", field)

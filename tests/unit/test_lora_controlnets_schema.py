@@ -33,9 +33,11 @@ def _input(root: Path, **controlnet) -> LoraInput:
     [
         ({"path": "/etc"}, "path"),
         ({"path": "../../etc"}, "path"),
-        ({"path": "https://example.com/cn.safetensors"}, "path"),
+        ({"path": "ftp://example.com/cn.safetensors"}, "path"),
         ({"path": "not an id"}, "path"),
-        ({"config_url": "https://example.com/config.json"}, "config_url"),
+        ({"config_url": "https://example.com/config.json"}, "config_url"),  # a directory has its own
+        ({"path": "https://x/cn.safetensors", "config_url": "file:///etc/passwd"}, "config_url"),
+        ({"path": "https://x/cn.safetensors", "variant": "fp16"}, "variant"),  # a file inside a directory
         ({"variant": "../fp16"}, "variant"),
         ({"ip_adapter_index": 0}, "ip_adapter_index"),
         ({"image_url": "file:///etc/passwd"}, "image_url"),
@@ -57,6 +59,12 @@ def test_served_inputs_pass(root: Path) -> None:
     check_controlnets(
         _input(root, mask_url="data:image/png;base64,AAAA", end_percentage=0.5), root, check_model_name
     )
+    check_controlnets(  # single-file weights by URL, with or without their config.json
+        _input(root, path="https://x/cn.safetensors", config_url="https://x/config.json"),
+        root,
+        check_model_name,
+    )
+    check_controlnets(_input(root, path="data:application/octet-stream;base64,AAAA"), root, check_model_name)
 
 
 def test_translate_then_parse_round_trip(root: Path) -> None:

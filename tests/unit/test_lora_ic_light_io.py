@@ -39,20 +39,26 @@ def _input(**kw) -> LoraInput:
         ({"ic_light_model_url": MODEL}, "ic_light_image_url"),
         ({"ic_light_model_url": MODEL, "ic_light_model_background_image_url": BG}, "ic_light_image_url"),
         ({"ic_light_model_url": "ftp://h/x", "ic_light_image_url": IMAGE}, "ic_light_model_url"),
-        (
-            {
-                "ic_light_model_url": MODEL,
-                "ic_light_image_url": IMAGE,
-                "loras": [{"path": "https://h/l.safetensors"}],
-            },
-            "loras",
-        ),
     ],
 )
-def test_incomplete_or_unsupported_combinations_are_422(fields: dict, loc: str) -> None:
+def test_incomplete_combinations_are_422(fields: dict, loc: str) -> None:
     with pytest.raises(InputError) as info:
         LoraEndpoint().check(_input(**fields))
     assert info.value.loc[:2] == ("body", loc), info.value.detail()
+
+
+def test_loras_controlnets_and_ip_adapter_combine_with_ic_light() -> None:
+    LoraEndpoint().check(
+        _input(
+            ic_light_model_url=MODEL,
+            ic_light_image_url=IMAGE,
+            loras=[{"path": "https://h/l.safetensors"}],
+            controlnets=[{"path": "lllyasviel/control_v11p_sd15_canny", "image_url": IMAGE}],
+            ip_adapter=[{"path": "https://h/ip.safetensors", "ip_adapter_image_url": IMAGE}],
+            image_encoder_path="h94/IP-Adapter",
+            image_encoder_subfolder="models/image_encoder",
+        )
+    )
 
 
 def _stored(root: Path, content: bytes = b"offsets") -> Path:
@@ -203,3 +209,24 @@ async def test_offset_files_above_the_weights_cap_stream_to_disk_once(tmp_path: 
         assert info.value.loc[:2] == ("body", "ic_light_model_url")
     finally:
         httpd.shutdown()
+
+
+def test_sdxl_bases_refuse_ic_light_as_sd15_only(tmp_path: Path) -> None:
+    """IC-Light's offsets fit the SD1.5 UNet only: an SDXL base refuses it (gateway and Triton side alike),
+    saying so rather than "not supported yet"."""
+    from types import SimpleNamespace
+
+    from ember.endpoints.lora.translate import check_sdxl_fields
+    from ember.pipeline.lora_xl import xl_problems
+
+    (tmp_path / "xl").mkdir()
+    (tmp_path / "xl" / "model_index.json").write_text(json.dumps({"text_encoder_2": ["transformers", "X"]}))
+    inp = LoraInput(
+        prompt="x", model_name=str(tmp_path / "xl"), ic_light_model_url=MODEL, ic_light_image_url=IMAGE
+    )
+    with pytest.raises(InputError, match="offsets for the SD1.5 UNet") as info:
+        check_sdxl_fields(inp, tmp_path)
+    assert info.value.loc == ("body", "ic_light_model_url")
+    (problem,) = xl_problems(SimpleNamespace(ic_light=object()))
+    assert problem.startswith("ic_light_model_url:") and "SDXL" in problem and "SD1.5" in problem
+    assert xl_problems(SimpleNamespace(ic_light=None)) == []

@@ -55,13 +55,13 @@ def test_served_forms_pass(root: Path) -> None:
         image_encoder_subfolder="models/image_encoder",
     )
     _check(root, {}, image_encoder_weight_name="model.safetensors")
+    _check(root, {"unconditional_noising_factor": 0.3})  # served (ember.pipeline.ip_adapter)
 
 
 @pytest.mark.parametrize(
     ("adapter", "top", "loc"),
     [
         ({"insight_face_model_path": "buffalo_l"}, {}, ("insight_face_model_path",)),
-        ({"unconditional_noising_factor": 0.3}, {}, ("unconditional_noising_factor",)),
         ({"weight_name": None}, {}, ("weight_name",)),
         ({"weight_name": "ip.bin"}, {}, ("weight_name",)),
         ({"path": "/etc"}, {}, ("path",)),
@@ -100,6 +100,7 @@ def test_options_round_trip_into_the_request(root: Path) -> None:
                 "mask": 1,
                 "scale": 0.7,
                 "scale_json": None,
+                "unconditional_noising_factor": 0.25,
             },
             {
                 "weights": {"media": 2},
@@ -118,6 +119,7 @@ def test_options_round_trip_into_the_request(root: Path) -> None:
     first, second = request.units
     assert first.weights.digest == second.weights.digest and first.weights.plain  # same bytes, parsed once
     assert first.scale == 0.7 and first.mask is not None and len(second.images) == 2
+    assert first.unconditional_noising_factor == 0.25 and second.unconditional_noising_factor == 0.0
     assert second.scale_config == {"up": {"block_0": [0.0, 1.0, 0.0]}}
     assert request.image_encoder == str((root / "ipa" / "models" / "image_encoder").resolve())
     with pytest.raises(ValueError, match="EMBER_LORA_MODEL_ROOT"):

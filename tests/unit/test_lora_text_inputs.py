@@ -42,12 +42,41 @@ def test_formats_and_token_mapping() -> None:
     assert token_vectors(["<s0>", "<s1>"], 2) == [("<s0>", [0]), ("<s1>", [1])]
     assert token_vectors(["<s0>", "<s1>"], 3) == [("<s0>", [0, 1, 2])]
     assert token_vectors(["<x>"], 1) == [("<x>", [0])]
+    xl = embedding_layout({"clip_l": ("F16", (2, 768)), "clip_g": ("F16", (2, 1280))})
+    assert xl.is_sdxl and (xl.key, xl.vectors, xl.width, xl.key_2, xl.width_2) == (
+        "clip_l",
+        2,
+        768,
+        "clip_g",
+        1280,
+    )
+
+
+def test_embedding_family_is_checked_for_local_base_models(tmp_path) -> None:
+    """A local directory's family is known at the gateway: an SD1.5 embedding on an SDXL base (and back) is
+    a 422 at its path before anything is queued; HF ids are checked on the Triton side."""
+    sd15 = _uri({"emb_params": np.zeros((2, 768), np.float32)})
+    sdxl = _uri({"clip_l": np.zeros((2, 768), np.float32), "clip_g": np.zeros((2, 1280), np.float32)})
+    for name, index, good, bad, message in (
+        ("xl", {"text_encoder": [], "text_encoder_2": []}, sdxl, sd15, "an SD1.5 embedding"),
+        ("sd15", {"text_encoder": []}, sd15, sdxl, "an SDXL embedding"),
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(json.dumps(index))
+        model = str(tmp_path / name)
+        ok = _input(model_name=model, embeddings=[{"path": good}])
+        assert len(asyncio.run(LoraEndpoint().load(ok, DataUriWeights()))["embedding_files"]) == 1  # type: ignore[arg-type]
+        inp = _input(model_name=model, embeddings=[{"path": good}, {"path": bad, "tokens": ["<t>"]}])
+        with pytest.raises(InputError) as info:
+            asyncio.run(LoraEndpoint().load(inp, DataUriWeights()))  # type: ignore[arg-type]
+        assert info.value.loc == ("body", "embeddings", 1, "path") and message in info.value.msg
 
 
 @pytest.mark.parametrize(
     ("tensors", "message"),
     [
-        ({"clip_l": np.zeros((2, 768), np.float32), "clip_g": np.zeros((2, 1280), np.float32)}, "SDXL"),
+        ({"clip_l": np.zeros((2, 768), np.float32), "clip_g": np.zeros((3, 1280), np.float32)}, "SDXL"),
+        ({"clip_l": np.zeros((2, 768), np.float32), "x": np.zeros((2, 1280), np.float32)}, "SDXL"),
         ({"a": np.zeros(4, np.float32), "b": np.zeros(4, np.float32)}, "not a textual-inversion"),
         ({"emb_params": np.zeros((80, 768), np.float32)}, "expected 1 to 75"),
         ({"emb_params": np.zeros((2, 768), np.int8)}, "not floating-point"),

@@ -45,8 +45,12 @@ async def test_unet_name_url_streams_to_a_stored_path(tmp_path: Path) -> None:
     for bad, message in (
         ({"cond_stage_model.transformer.x": np.ones(2, np.float32)}, "not a UNet weight file"),
         ({"lora_unet_x.lora_down.weight": np.ones(2, np.float32)}, "not a UNet weight file"),
-        ({"model.diffusion_model.label_emb.0.0.weight": np.ones(2, np.float32)}, "SDXL"),
     ):
         with pytest.raises(InputError, match=message) as info:
             await LoraEndpoint().load(LoraInput(model_name="a/b", prompt="p", unet_name=_uri(bad)), media)
         assert info.value.loc == ("body", "unet_name")
+    # An SDXL UNet file passes the gateway: whether it fits the base model (its family, its architecture) is
+    # checked on the Triton side against the base (tests/pipeline/test_lora_sdxl_unet.py).
+    xl_unet = {"model.diffusion_model.label_emb.0.0.weight": np.ones((2, 2), np.float32)}
+    loaded = await LoraEndpoint().load(LoraInput(model_name="a/b", prompt="p", unet_name=_uri(xl_unet)), media)
+    assert Path(loaded["unet_name"]).read_bytes() == save_numpy(xl_unet)

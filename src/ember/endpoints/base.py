@@ -52,7 +52,12 @@ class MediaLoader(Protocol):
     async def checkpoint(self, url: str, loc: Loc, *, kind: str = "model") -> str:
         """A single-file model checkpoint (GBs: streamed to disk, checked like `weights`, stored by
         sha256 where the Triton side reads it): its absolute path. `kind`: "model" (a full SD checkpoint)
-        or "unet" (UNet weights only: a single-file UNet, an IC-Light offset file)."""
+        or "unet" (UNet weights only: a single-file UNet, an IC-Light offset file) or "controlnet" (a
+        single-file ControlNet, diffusers' or the original key names)."""
+        ...
+
+    async def json(self, url: str, loc: Loc) -> dict[str, Any]:
+        """A small JSON object (a model's config.json: at most 64 KiB), parsed; anything else refused."""
         ...
 
 In = TypeVar("In", bound=BaseModel)

@@ -1,13 +1,14 @@
 """Single-file model checkpoints named by URL (fal-ai/lora `model_name`; UNet-only files: `unet_name` and
-the IC-Light offsets of `ic_light_model_url`): streamed to disk, never held in memory or sent through a
-Triton tensor (they are GBs).
+the IC-Light offsets of `ic_light_model_url`; single-file ControlNets: `controlnets[].path`): streamed to
+disk, never held in memory or sent through a Triton tensor (they are GBs).
 
 The URL goes through the SSRF-safe fetcher (or, for the gateway's own file URLs such as fal storage
 uploads, is copied from the file store) chunk by chunk into a temporary file under
 `<EMBER_LORA_MODEL_ROOT>/checkpoints/`, hashed on the way. It is then checked as safetensors from its
 header alone (pickles and malformed layouts refused, as for every weight file), its family read from the
 tensor names (SD1.5 and SDXL bases pass; SD 2.x and SDXL refiners refused by name; UNet-only files: UNet
-key names required, ember.specs.checkpoint_keys.unet_file_layout), and renamed to `<sha256>.safetensors`: the
+key names required, ember.specs.checkpoint_keys.unet_file_layout; ControlNets: ControlNet key names,
+controlnet_file_family), and renamed to `<sha256>.safetensors`: the
 same content arriving from any URL is stored once, and the Triton side (which shares the directory) keys
 its conversion and export caches by that digest. The Triton model receives the file's path as MODEL_NAME.
 
@@ -27,7 +28,7 @@ from typing import Any
 from ember.endpoints.common import InputError, Loc
 from ember.gateway.fetcher import Fetcher, FetchError
 from ember.gateway.weights import check_safetensors_file
-from ember.specs.checkpoint_keys import checkpoint_family, refusal, unet_file_layout
+from ember.specs.checkpoint_keys import checkpoint_family, controlnet_file_family, refusal, unet_file_layout
 
 SUBDIR = "checkpoints"
 
@@ -45,8 +46,9 @@ class CheckpointCache:
     async def fetch(self, url: str, loc: Loc, own_name: str | None = None, kind: str = "model") -> Path:
         """The checked checkpoint `url` names, as `<directory>/<sha256>.safetensors`; InputError at `loc`.
         `kind`: "model" (a full SD checkpoint, family checked) or "unet" (UNet weights only: a single-file
-        UNet or an IC-Light offset file, in diffusers or LDM key names)."""
-        if kind not in ("model", "unet"):
+        UNet or an IC-Light offset file, in diffusers or LDM key names) or "controlnet" (a single-file
+        ControlNet, SD1.5 or SDXL, in diffusers or original key names)."""
+        if kind not in ("model", "unet", "controlnet"):
             raise ValueError(f"unknown checkpoint kind {kind!r}")
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=".partial-", suffix=".safetensors", dir=self.directory)
@@ -92,6 +94,12 @@ class CheckpointCache:
     @staticmethod
     def _check(path: Path, loc: Loc, kind: str = "model") -> None:
         weights = check_safetensors_file(path, loc)
+        if kind == "controlnet":
+            try:
+                controlnet_file_family(weights.tensors)
+            except ValueError as exc:
+                raise InputError(loc, str(exc), "invalid_weights") from None
+            return
         if kind == "unet":
             try:
                 unet_file_layout(weights.tensors)

@@ -17,6 +17,8 @@ Every failure is an InputError at the field's `loc`, which the worker answers 42
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -27,6 +29,8 @@ from ember.gateway.fetcher import Fetcher, FetchError
 from ember.gateway.files import FILE_NAME, FileStore, FileTooLarge
 from ember.gateway.media import ImageInputError, decode_image
 from ember.gateway.weights import check_safetensors
+
+MAX_JSON_BYTES = 64 * 1024  # a model config.json (a ControlNet's is about 1 KiB)
 
 
 def _origin(url: str) -> str | None:
@@ -91,6 +95,18 @@ class GatewayMedia:
             raise InputError(loc, "this gateway does not fetch model checkpoints", "not_supported")
         path = await self.checkpoints.fetch(url, loc, own_name=self.own_file(url), kind=kind)
         return str(path)
+
+    async def json(self, url: str, loc: Loc) -> dict[str, Any]:
+        data, _ = await self.read(url, loc, MAX_JSON_BYTES)
+        try:
+            value = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise InputError(
+                loc, "this URL does not hold a JSON document (a config.json)", "invalid_json"
+            ) from None
+        if not isinstance(value, dict):
+            raise InputError(loc, "a config.json holds a JSON object", "invalid_json")
+        return value
 
     async def weights(self, url: str, loc: Loc) -> WeightsFile:
         data, _ = await self.read(url, loc, self.max_weights_bytes)

@@ -9,12 +9,15 @@
    SDXL single files (SGM layout: conditioner.embedders.0/1) are converted the same way, with
    StableDiffusionXLPipeline.from_single_file against `single_file_configs/sdxl` (or an operator config).
 2. SDXL diffusers directories (a local one, an HF snapshot, or a converted single file) run as
-   StableDiffusionXLPipeline on the torch runtime (ember.pipeline.lora_xl, which loads them itself); SD 2.x
-   weights are refused naming model_name.
-3. Runners: torch loads the directory directly; onnxruntime (models.toml `[lora.sdv1-5] runtime`) exports
-   text encoder, UNet and VAE decoder once through ember.specs.artifacts, keyed by the model's content (or
-   HF snapshot), its variant and custom UNet, precision, opset and torch/onnx/onnxruntime versions. The
-   request that triggers a conversion or export gets its progress as status log lines (`log`).
+   StableDiffusionXLPipeline (ember.pipeline.lora_xl, through the same `prepare` and `runners`); SD 2.x
+   weights are refused naming model_name. A custom UNet (`unet_name`: a directory, HF snapshot or single
+   file) must be of the base's family and text width (`check_custom_unet`).
+3. Runners: torch loads the directory directly; onnxruntime (models.toml `[lora.sdv1-5] runtime`, the
+   runtime of every fal-ai/lora base) exports the networks once through ember.specs.artifacts (SD1.5: text
+   encoder, UNet, VAE decoder; SDXL: both text encoders too, artifact family ("lora", "sdxl")), keyed by the
+   model's content (or HF snapshot), its variant and custom UNet, precision, opset and
+   torch/onnx/onnxruntime versions. The request that triggers a conversion or export gets its progress as
+   status log lines (`log`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ from ember.specs.checkpoint_keys import (
 
 Log = Callable[[str], None]
 LORA_FAMILY = ("lora", "sdv1-5")  # models.toml entry + artifact family of fal-ai/lora base models
+LORA_XL_FAMILY = ("lora", "sdxl")  # artifact family of SDXL bases (their runtime is LORA_FAMILY's)
+# Networks LoRAs change: exported refittable (ONNX Runtime overridable initializers); the VAE keeps constants.
+REFITTABLE = ("text_encoder", "text_encoder_2", "unet")
 BUILTIN_CONFIGS = Path(__file__).resolve().parent.parent / "specs" / "single_file_configs"
 CONFIGS_SUBDIR = "single-file-configs"  # operator-supplied config dirs under EMBER_LORA_MODEL_ROOT
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -265,7 +271,7 @@ def convert_single_file_unet(settings: Settings, path: Path, config_dir: Path, l
     replaces that one, so it must share its architecture) and cached under
     <export_dir>/lora-single-file-unet/<file sha256>-<config sha256[:16]>/. ValueError when it does not fit."""
     from ember.specs.artifacts import _exclusive
-    from ember.specs.checkpoint_keys import LDM_UNET_PREFIXES, unet_file_layout
+    from ember.specs.checkpoint_keys import LDM_UNET_PREFIXES, unet_file_family, unet_file_layout
 
     shapes = checkpoint_shapes(path)
     try:
@@ -273,6 +279,8 @@ def convert_single_file_unet(settings: Settings, path: Path, config_dir: Path, l
     except ValueError as exc:
         raise ValueError(f"unet_name: {exc}") from None
     config = (config_dir / "config.json").read_bytes()
+    base_family = "sdxl" if json.loads(config).get("addition_embed_type") == "text_time" else "sd15"
+    _refuse_unet_family(unet_file_family(shapes), base_family, "this UNet file")
     key = f"{file_digest(path)}-{hashlib.sha256(config).hexdigest()[:16]}"
     target = settings.export_dir / "lora-single-file-unet" / key
     if (target / "config.json").is_file():
@@ -303,7 +311,7 @@ def convert_single_file_unet(settings: Settings, path: Path, config_dir: Path, l
         if unloaded:
             raise ValueError(
                 f"unet_name: the UNet file lacks {len(unloaded)} of the base UNet's weights "
-                f"(e.g. {unloaded[:2]}); send a complete SD1.5 UNet"
+                f"(e.g. {unloaded[:2]}); send a complete UNet of the base model's architecture"
             )
         staging = Path(tempfile.mkdtemp(prefix=f".{path.stem[:12]}-", dir=_mkdir(target.parent)))
         try:
@@ -328,7 +336,7 @@ def single_file_family(source: str) -> str | None:
 
 def prepare(settings: Settings, ref: Any, log: Log = _nothing) -> Any:
     """`ref` (a ModelRef) with single-file checkpoints (model_name, unet_name) converted to directories;
-    SD2 refused (SDXL ones are prepared by ember.pipeline.lora_xl.XLBaseModel)."""
+    SD2 refused; a custom UNet of another family than the base refused naming unet_name."""
     import dataclasses
 
     source = Path(ref.source)
@@ -339,7 +347,42 @@ def prepare(settings: Settings, ref: Any, log: Log = _nothing) -> Any:
     if ref.unet and Path(ref.unet).is_file():
         unet = convert_single_file_unet(settings, Path(ref.unet), Path(ref.source) / "unet", log)
         ref = dataclasses.replace(ref, unet=str(unet))
+    if ref.unet:
+        check_custom_unet(ref.source, ref.unet)
     return ref
+
+
+def _refuse_unet_family(unet_family: str, base_family: str, what: str) -> None:
+    if unet_family != base_family:
+        names = {"sd15": "SD1.5", "sdxl": "SDXL"}
+        raise ValueError(
+            f"unet_name: {what} is an {names[unet_family]} UNet, the base model (model_name) is "
+            f"{names[base_family]}: send a UNet of the base model's family"
+        )
+
+
+# What the base's other networks fix about a UNet replacing its own: the latent channels (initial noise, VAE),
+# the text width (its encoders) and SDXL's added-condition width (pooled embedding + time ids). Also the
+# dims its ONNX export is traced and verified at (read from the base's unet/config.json).
+_UNET_INTERFACE = ("in_channels", "out_channels", "cross_attention_dim", "projection_class_embeddings_input_dim")
+
+
+def check_custom_unet(source: str, unet: str) -> None:
+    """ValueError naming unet_name unless the UNet directory `unet` can replace the UNet of the diffusers
+    directory `source`: the same family (an SDXL UNet has the "text_time" added conditions) and the same
+    _UNET_INTERFACE sizes."""
+    if not (Path(source) / "unet" / "config.json").is_file():
+        return  # an incomplete base directory: its loader says what it lacks
+    read = lambda path: json.loads((path / "config.json").read_text(encoding="utf-8"))
+    custom, base = read(Path(unet)), read(Path(source) / "unet")
+    family = lambda config: "sdxl" if config.get("addition_embed_type") == "text_time" else "sd15"
+    _refuse_unet_family(family(custom), family(base), f"{unet}")
+    differ = {k: (custom.get(k), base.get(k)) for k in _UNET_INTERFACE if custom.get(k) != base.get(k)}
+    if differ:
+        raise ValueError(
+            f"unet_name: {unet} does not fit the base model's other networks ((UNet, base) sizes: "
+            f"{differ}): a UNet of another model size or kind (e.g. an inpainting UNet)"
+        )
 
 
 class LazyWeights(Mapping[str, torch.Tensor]):
@@ -366,14 +409,16 @@ class LazyWeights(Mapping[str, torch.Tensor]):
 
 
 def lora_runtime(settings: Settings) -> str:
-    """models.toml `[lora.sdv1-5] runtime`, else EMBER_RUNTIME (torch when the entry is missing)."""
+    """models.toml `[lora.sdv1-5] runtime`, else EMBER_RUNTIME (torch when the entry is missing): the
+    runtime of every fal-ai/lora base model, SD1.5 and SDXL alike."""
     if LORA_FAMILY[0] not in settings.models:
         return "torch"
     return settings.model_runtime(*LORA_FAMILY)
 
 
-def export_key(settings: Settings, ref: Any) -> dict[str, Any]:
-    """Everything a base model's ONNX export depends on; a change gives a new artifact directory."""
+def export_key(settings: Settings, ref: Any, family: tuple[str, str] = LORA_FAMILY) -> dict[str, Any]:
+    """Everything a base model's ONNX export depends on; a change gives a new artifact directory.
+    `family`: the artifact family of its networks (LORA_FAMILY, or LORA_XL_FAMILY for SDXL bases)."""
     from ember.specs.artifacts import (
         OPSET,
         PRECISION,
@@ -387,8 +432,8 @@ def export_key(settings: Settings, ref: Any) -> dict[str, Any]:
     # An HF snapshot directory is named by its commit: that is the revision.
     revision = source.name if source.parent.name == "snapshots" else None
     return {
-        "family": LORA_FAMILY[0],
-        "variant": LORA_FAMILY[1],
+        "family": family[0],
+        "variant": family[1],
         "source": ref.source,
         "revision": None,  # the source is already a resolved directory (from_pretrained takes no revision)
         "hf_commit": revision,
@@ -401,50 +446,70 @@ def export_key(settings: Settings, ref: Any) -> dict[str, Any]:
         "torch": _installed("torch"),
         "onnx": _installed("onnx"),
         "onnxruntime": _installed("onnxruntime"),
-        "specs": dict(family_spec(*LORA_FAMILY).spec_versions),
+        "specs": dict(family_spec(*family).spec_versions),
         "refit_map": REFIT_MAP_VERSION,
     }
 
 
-def onnx_artifacts(settings: Settings, ref: Any, networks: tuple[Any, ...], log: Log = _nothing) -> Any:
+def onnx_artifacts(
+    settings: Settings,
+    ref: Any,
+    networks: tuple[Any, ...],
+    log: Log = _nothing,
+    family: tuple[str, str] = LORA_FAMILY,
+) -> Any:
     """The artifact directory of `ref`'s ONNX exports, exporting (and verifying) what is missing first."""
     from ember.specs.artifacts import _build, _complete, _exclusive, _key_hash, family_spec, read_artifacts
 
-    key = export_key(settings, ref)
-    path = settings.export_dir / f"{LORA_FAMILY[0]}-{LORA_FAMILY[1]}" / _key_hash(key)
+    key = export_key(settings, ref, family)
+    path = settings.export_dir / f"{family[0]}-{family[1]}" / _key_hash(key)
     names = [net.name for net in networks]
     if not _complete(path, True, names):
-        with _exclusive(settings.export_dir / f"{LORA_FAMILY[0]}-{LORA_FAMILY[1]}.lock"):
+        with _exclusive(settings.export_dir / f"{family[0]}-{family[1]}.lock"):
             if not _complete(path, True, names):
                 log(f"exporting {', '.join(names)} to ONNX (first use of this base model; cached after)")
-                _build(path, key, family_spec(*LORA_FAMILY), True, False, networks=networks, log=log)
+                _build(path, key, family_spec(*family), True, False, networks=networks, log=log)
     else:
         log(f"ONNX exports of this base model found in the cache ({path.name})")
     return read_artifacts(path)
 
 
-def runners(settings: Settings, ref: Any, log: Log = _nothing) -> tuple[Runner, Runner, Runner]:
-    """(text encoder, UNet, VAE decoder) of a prepared `ref` on the lora model's runtime."""
-    from ember.specs.lora import bind_loaders
+def runners(
+    settings: Settings,
+    ref: Any,
+    log: Log = _nothing,
+    networks: tuple[Any, ...] | None = None,
+    family: tuple[str, str] = LORA_FAMILY,
+) -> tuple[Runner, ...]:
+    """The runners of a prepared `ref`'s `networks` (specs bound to its variant and custom UNet; default
+    SD1.5's text encoder, UNet, VAE decoder), in that order, on the lora model's runtime. A spec's
+    engine_dtype (SDXL's force_upcast VAE: float32) overrides EMBER_DTYPE on torch; ONNX exports are fp32."""
+    if networks is None:
+        from ember.specs.lora import bind_loaders
 
-    networks = bind_loaders(ref.variant, ref.unet)
+        networks = bind_loaders(ref.variant, ref.unet)
     runtime = lora_runtime(settings)
     if runtime == "torch":
         from ember.runtime.torch_runner import TorchRunner
 
         dtype = torch_dtype(settings.dtype)
-        text, unet, vae = (TorchRunner(n, ref.source, None, settings.device, dtype) for n in networks)
-        return text, unet, vae
+        return tuple(
+            TorchRunner(n, ref.source, None, settings.device, n.engine_dtype or dtype) for n in networks
+        )
     if runtime == "onnxruntime":
-        from ember.runtime import create_runner
+        from ember.runtime.onnxruntime_runner import OnnxRuntimeRunner, provider_list
 
-        artifacts = onnx_artifacts(settings, ref, networks, log)
-        # LoRAs refit the text encoder and UNet (overridable initializers); the VAE keeps constant weights.
-        text, unet, vae = (
-            create_runner(settings, artifacts, n, refittable=n.name in ("text_encoder", "unet"))
+        artifacts = onnx_artifacts(settings, ref, networks, log, family)
+        # What create_runner builds for onnxruntime; the runtime was decided above by lora_runtime (SDXL's
+        # artifact family has no models.toml entry of its own to look it up). LoRAs refit the text
+        # encoders and UNet (overridable initializers); the VAE keeps constant weights.
+        providers = provider_list(settings)
+        return tuple(
+            OnnxRuntimeRunner(
+                n, artifacts.onnx_path(n.name), providers=providers, refittable=n.name in REFITTABLE
+            )
             for n in networks
         )
-        return text, unet, vae
     raise ValueError(
         f"fal-ai/lora base models run on torch or onnxruntime, not {runtime!r} (models.toml [lora.sdv1-5])"
     )

@@ -14,7 +14,7 @@ counts with the fraction of its pixels the mask covers (white = 1 = full control
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,13 +80,24 @@ class ControlRows:
     k: int
 
 
+# (config) -> (channels, level) per residual: SD1.5's residual_layout, SDXL's xl_residual_layout.
+Layout = Callable[[Mapping[str, Any]], list[tuple[int, int]]]
+
+
 def zero_residuals(
-    unet_config: Mapping[str, Any], batch: int, latent_h: int, latent_w: int, like: torch.Tensor
+    unet_config: Mapping[str, Any],
+    batch: int,
+    latent_h: int,
+    latent_w: int,
+    like: torch.Tensor,
+    names: Sequence[str] = RESIDUAL_NAMES,
+    layout: Layout = residual_layout,
 ) -> dict[str, torch.Tensor]:
-    """Residual inputs that leave the controlled UNet equal to the plain one (x + 0 = x)."""
+    """Residual inputs that leave the controlled UNet equal to the plain one (x + 0 = x); `names` and
+    `layout` are the controlled UNet's (SD1.5's by default, ember.specs.controlnet_xl for SDXL)."""
     dims = _grid_dims(batch, latent_h * 8, latent_w * 8)
     out = {}
-    for name, (channels, level) in zip(RESIDUAL_NAMES, residual_layout(unet_config), strict=True):
+    for name, (channels, level) in zip(names, layout(unet_config), strict=True):
         suffix = "" if level == 0 else f"_{2**level}"
         shape = (batch, channels, dims[f"latent_height{suffix}"], dims[f"latent_width{suffix}"])
         out[name] = torch.zeros(shape, dtype=like.dtype, device=like.device)
@@ -104,9 +115,12 @@ def controlnet_residuals(
     embeddings: torch.Tensor,  # (B, 77, D)
     step: int,
     total: int,
+    extra: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor] | None:
-    """The summed residuals of every unit for the whole batch (names of RESIDUAL_NAMES, batch B), or None
-    when no row has a unit. A unit outside its start/end runs with scale 0, as diffusers runs it."""
+    """The summed residuals of every unit for the whole batch (the ControlNets' output names, batch B), or
+    None when no row has a unit. A unit outside its start/end runs with scale 0, as diffusers runs it.
+    `extra`: more ControlNet inputs with rows as `embeddings` (SDXL's text_embeds (B, P), time_ids (B, 6)):
+    each ControlNet gets the rows it conditions, as the UNet gets them."""
     # One call per (runner, guess mode); each part is one unit's rows.
     calls: dict[tuple[int, bool], tuple[Runner, list[_Part]]] = {}
     for r in rows:
@@ -131,11 +145,13 @@ def controlnet_residuals(
                 "encoder_hidden_states": embeddings[index],
                 "controlnet_cond": torch.cat([p[1] for p in parts]),
                 "conditioning_scale": torch.cat([p[2] for p in parts]),
+                **{name: value[index] for name, value in (extra or {}).items()},
             }
         )
-        # Guess mode weights residual j by 10^(-1 + j / 12), shallow to deep (diffusers' torch.logspace).
-        weights = torch.logspace(-1, 0, len(RESIDUAL_NAMES)) if guess_mode else None
-        for j, name in enumerate(RESIDUAL_NAMES):
+        # Guess mode weights residual j of n by 10^(-1 + j / (n - 1)), shallow to deep (diffusers'
+        # torch.logspace over the down residuals and the mid one: n = 13 for SD1.5, 10 for SDXL).
+        weights = torch.logspace(-1, 0, len(out)) if guess_mode else None
+        for j, name in enumerate(out):
             value = out[name] if weights is None else out[name] * weights[j]
             if any(p[3] is not None for p in parts):  # masks apply to their own unit's rows only
                 pieces = value.split([len(p[0]) for p in parts])

@@ -8,17 +8,24 @@ timesteps walked are `scheduler.timesteps`, 2n - 1 for second-order samplers) an
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers import SchedulerMixin
 
-from ember.pipeline.controlnet import ControlNetUnit, ControlRows, controlnet_residuals, zero_residuals
+from ember.pipeline.controlnet import (
+    ControlNetUnit,
+    ControlRows,
+    Layout,
+    controlnet_residuals,
+    zero_residuals,
+)
 from ember.pipeline.guidance import cfg_combine, cfg_input
 from ember.pipeline.requests import StepCallback
 from ember.runtime import Runner
+from ember.specs.controlnet import RESIDUAL_NAMES, residual_layout
 
 
 def step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator, eta: float = 0.0) -> dict[str, Any]:
@@ -55,10 +62,15 @@ class GuidedSlot:
 
 @dataclass
 class Controlled:
-    """The UNet takes ControlNet residuals (ember.specs.controlnet.CONTROLLED_UNET): its config sizes the
-    zero residuals of a step where no request has an active unit."""
+    """The UNet takes ControlNet residuals (ember.specs.controlnet.CONTROLLED_UNET, or SDXL's
+    ember.specs.controlnet_xl.XL_CONTROLLED_UNET): its config sizes the zero residuals of a step where no
+    request has an active unit."""
 
     unet_config: dict[str, Any] = field(default_factory=dict)
+    residual_names: Sequence[str] = RESIDUAL_NAMES  # the controlled UNet's residual inputs, in order
+    layout: Layout = residual_layout  # their (channels, level) from unet_config
+    # GuidedSlot.unet_feeds the ControlNets take too, with the same rows (SDXL: text_embeds, time_ids)
+    controlnet_feeds: tuple[str, ...] = ()
 
     def feeds(
         self,
@@ -68,6 +80,7 @@ class Controlled:
         embeddings: torch.Tensor,  # (B, 77, D)
         step: int,
         total: int,
+        unet_feeds: Mapping[str, torch.Tensor] | None = None,  # the batch's extra UNet inputs, B rows
     ) -> dict[str, torch.Tensor]:
         """The UNet's residual inputs for one step. `slots` in batch order: (units, rows in the batch,
         conditional rows k) per request; zeros when no unit acts (x + 0 = x: the plain UNet's result)."""
@@ -75,9 +88,17 @@ class Controlled:
         for units, size, k in slots:
             rows.append(ControlRows(units, offset, size, k))
             offset += size
-        residuals = controlnet_residuals(rows, sample, timestep, embeddings, step, total)
+        extra = {name: (unet_feeds or {})[name] for name in self.controlnet_feeds}
+        residuals = controlnet_residuals(rows, sample, timestep, embeddings, step, total, extra)
         if residuals is None:
-            residuals = zero_residuals(self.unet_config, *sample.shape[:1], *sample.shape[2:], sample)
+            residuals = zero_residuals(
+                self.unet_config,
+                *sample.shape[:1],
+                *sample.shape[2:],
+                sample,
+                self.residual_names,
+                self.layout,
+            )
         return residuals
 
 
@@ -107,11 +128,12 @@ def guided_denoise(
         timestep = torch.cat([t.float().reshape(1).expand(n) for t, n in zip(steps, sizes, strict=True)])  # (B,)
         embeddings = torch.cat([s.embeddings for s in active])  # (B, 77, D)
         feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": embeddings}
+        # every slot of a batch has the same extra inputs (SDXL's text_embeds / time_ids, IP-Adapter's)
+        extra = {name: torch.cat([s.unet_feeds[name] for s in active]) for name in active[0].unet_feeds}
         if controlled is not None:
             units = [(s.controls, n, s.latents.shape[0]) for s, n in zip(active, sizes, strict=True)]
-            feeds.update(controlled.feeds(units, sample, timestep, embeddings, i, total))
-        for name in active[0].unet_feeds:  # every slot of a batch has the same extra inputs
-            feeds[name] = torch.cat([s.unet_feeds[name] for s in active])
+            feeds.update(controlled.feeds(units, sample, timestep, embeddings, i, total, extra))
+        feeds.update(extra)
         noise_pred = unet.run(feeds)["noise_pred"]
         for s, t, pred in zip(active, steps, noise_pred.split(sizes), strict=True):
             guided = cfg_combine(pred, s.guidance_scale)

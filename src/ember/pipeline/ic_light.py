@@ -10,10 +10,25 @@ gradio_demo_bg.py ("fbc") build it, on the request's base model:
   after the scaled latents on the channel axis at every step: a per-request UNet input (GuidedSlot.unet_feeds)
   of the IC-Light UNet (ember.specs.ic_light.IC_LIGHT_UNET).
 
-Each IC-Light file gets its own patched copy of the base UNet (the base runner stays untouched, so plain
-requests are unaffected); at most `capacity` stay resident per base model. Not part of this stage: IC-Light's
-demo also removes the foreground's background (BRIA RMBG) and runs a second high-resolution img2img pass;
-fal's fields name neither, so the foreground is used as sent.
+Each IC-Light file gets its own patched copy of the base UNet, built from the base model's pristine weights
+(the base runner stays untouched, so plain requests are unaffected); at most `capacity` stay resident per
+base model (per resident BaseModel: the same directory with another unet_name is another base).
+
+Combined with the other fal-ai/lora inputs (SD1.5 bases; IC-Light files are SD1.5 UNet offsets):
+- `loras`: the patched UNet is "base + IC-Light offsets", and the LoRA deltas go on top of it, as they do
+  when a LoRA is loaded into IC-Light's own pipeline (its code merges the offsets into the UNet first; the
+  reference is diffusers' load_lora_weights + fuse_lora on that pipeline): W = (W0 + offset) + sum s B A,
+  fused by the patched UNet's own LoraState (the text encoder's part by the base model's). Switching sets
+  restores the patched weights exactly, as the base model's state does for the plain UNet.
+- `controlnets`: the patched UNet inside the ControlNet-residual wrapper (ember.specs.controlnet), behind
+  IC-Light's concat (ember.specs.ic_light.ConcatConds): the ControlNets see the 4-channel latents, as in
+  diffusers' ControlNet pipeline with IC-Light's hooked UNet forward.
+- `ip_adapter`: the IP-Adapter UNet (ember.pipeline.ip_adapter) built over the patched UNet's weights,
+  behind the same concat.
+SDXL bases refuse IC-Light (SD15_ONLY): its offsets fit the SD1.5 UNet only.
+
+Not part of this stage: IC-Light's demo also removes the foreground's background (BRIA RMBG) and runs a
+second high-resolution img2img pass; fal's fields name neither, so the foreground is used as sent.
 
 Offset files in diffusers' UNet key names (lllyasviel's own iclight_sd15_fc/fbc.safetensors, which the demo
 adds key by key to diffusers' unet.state_dict()) are used as they are; files in the original LDM names
@@ -26,6 +41,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,11 +53,18 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ember.pipeline.loras import LoraFile, LoraState
 from ember.runtime import Runner
 
 # conv_in input channels -> what the IC-Light file conditions on
 IC_LIGHT_KINDS = {8: "fc (foreground)", 12: "fbc (foreground and background)"}
 
+
+# SDXL bases refuse IC-Light for good (its offsets fit the SD1.5 UNet only; there is no SDXL IC-Light)
+SD15_ONLY = (
+    "ic_light_model_url: IC-Light models are offsets for the SD1.5 UNet (lllyasviel/IC-Light has no SDXL "
+    "model), so they cannot run on an SDXL base model; use an SD1.5 model_name"
+)
 
 # where the gateway streams offset files (ember.gateway.checkpoints.SUBDIR)
 CHECKPOINTS_SUBDIR = "checkpoints"
@@ -117,26 +140,6 @@ def parse_ic_light(entry: Any, root: Path, media: Any) -> IcLightInput | None:
     return IcLightInput.at(path, images[0], images[1])
 
 
-def check_ic_light(request: Any) -> list[str]:
-    """What this server cannot combine with IC-Light yet (a LoraRequest's fields), as messages."""
-    if request.ic_light is None:
-        return []
-    others = [
-        name
-        for name, on in (
-            ("loras", request.loras),
-            ("controlnets", request.controlnets),
-            ("ip_adapter", request.ip_adapter),
-        )
-        if on
-    ]
-    if not others:
-        return []
-    return [
-        f"ic_light_model_url together with {', '.join(others)} is not supported yet; send them separately"
-    ]
-
-
 def offsets_in_diffusers_keys(
     tensors: Mapping[str, torch.Tensor], unet_config: Mapping[str, object]
 ) -> dict[str, torch.Tensor]:
@@ -163,15 +166,23 @@ def offsets_in_diffusers_keys(
     return converted
 
 
-def patch_unet(unet: nn.Module, offsets: Mapping[str, torch.Tensor]) -> nn.Module:
+def patch_unet(
+    unet: nn.Module, offsets: Mapping[str, torch.Tensor], pristine: Mapping[str, torch.Tensor] | None = None
+) -> nn.Module:
     """A copy of `unet` (diffusers UNet2DConditionModel) with IC-Light's wider conv_in and every weight plus
-    its offset. ValueError when the offsets do not fit this UNet (another architecture, missing keys)."""
+    its offset; `pristine` replaces some of `unet`'s weights first (the base weights under a fused LoRA set:
+    LoraState.pristine). ValueError when the offsets do not fit this UNet (another architecture, missing keys)."""
     channels = int(offsets["conv_in.weight"].shape[1])
     if channels not in IC_LIGHT_KINDS:
         raise ValueError(
             f"an IC-Light conv_in takes 8 (fc) or 12 (fbc) channels, this file's takes {channels}"
         )
     patched = copy.deepcopy(unet)
+    if pristine:
+        with torch.no_grad():
+            state = patched.state_dict()
+            for key, value in pristine.items():
+                state[key].copy_(value)
     old = patched.conv_in
     wide = nn.Conv2d(channels, old.out_channels, old.kernel_size, old.stride, old.padding)
     wide = wide.to(device=old.weight.device, dtype=old.weight.dtype)
@@ -214,13 +225,36 @@ def to_model_range(images: list[np.ndarray]) -> torch.Tensor:
     return (torch.from_numpy(np.stack(images)).float() / 127.0 - 1.0).movedim(-1, 1)
 
 
+def unet_part(loras: Any) -> tuple[tuple[LoraFile, float], ...]:
+    """A LoRA set's UNet deltas only (the text encoder's are the base model's business)."""
+    return tuple(
+        (LoraFile(lora.digest, {"unet": lora.factors["unet"]}), scale)
+        for lora, scale in loras
+        if "unet" in lora.factors
+    )
+
+
+@dataclass
+class PatchedUNet:
+    """One IC-Light file's patched UNet on one base model: its runner (IcLightUNet), the LoRA set fused into
+    it, and the ControlNet-residual runner over the same module (built on first use)."""
+
+    runner: Runner
+    loras: LoraState
+    controlled: Runner | None = None
+
+
 class IcLightStage:
     """The lora pipeline's IC-Light step: per base model a VAE encoder (first use) and a patched UNet runner per
-    IC-Light file (at most `capacity` resident, least recently used leaves). Torch runtime only."""
+    IC-Light file (at most `capacity` resident per base model, least recently used leaves; dropped with the
+    base model when it is evicted). Torch runtime only."""
 
     def __init__(self, settings: Any, capacity: int = 2):
         self.settings = settings
-        self._unets: OrderedDict[tuple[str, str], Runner] = OrderedDict()
+        # resident base model -> offset file digest -> its patched UNet
+        self._unets: weakref.WeakKeyDictionary[Any, OrderedDict[str, PatchedUNet]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._encoders: OrderedDict[str, Runner] = OrderedDict()
         self._capacity = capacity
 
@@ -231,11 +265,16 @@ class IcLightStage:
         return sd_unet.unet
 
     def unet(self, model: Any, ic_light: IcLightInput) -> Runner:
-        """The patched UNet runner for this base model and IC-Light file, built from the base UNet's own
-        weights (IC-Light requests fuse no LoRA: lora.check_request)."""
-        key = (model.source, ic_light.digest)
-        runner = self._unets.get(key)
-        if runner is None:
+        """The patched UNet runner for this base model and IC-Light file."""
+        return self.patched(model, ic_light).runner
+
+    def patched(self, model: Any, ic_light: IcLightInput) -> PatchedUNet:
+        """The patched UNet for this base model and IC-Light file, built (first use) from the base UNet's
+        pristine weights: whatever LoRA set the base model has fused now does not leak into it."""
+        unets = self._unets.setdefault(model, OrderedDict())
+        key = ic_light.digest
+        entry = unets.get(key)
+        if entry is None:
             from ember.runtime.torch_runner import TorchRunner
             from ember.specs.ic_light import IC_LIGHT_UNET, IcLightUNet
 
@@ -244,13 +283,16 @@ class IcLightStage:
                 tensors = ic_light.tensors()
             except Exception as exc:
                 raise ValueError(f"ic_light_model_url: not a safetensors file: {exc}") from exc
-            module = IcLightUNet(patch_unet(base, offsets_in_diffusers_keys(tensors, dict(base.config))))
+            offsets = offsets_in_diffusers_keys(tensors, dict(base.config))
+            module = IcLightUNet(patch_unet(base, offsets, model.loras.pristine("unet")))
             runner = TorchRunner(IC_LIGHT_UNET, "", None, str(model.unet.device), base.dtype, module=module)
-            self._unets[key] = runner
-            while len(self._unets) > self._capacity:
-                self._unets.popitem(last=False)
-        self._unets.move_to_end(key)
-        return runner
+            # its own LoRA state: deltas on the patched weights, restored to them exactly between sets
+            entry = PatchedUNet(runner, LoraState({"unet": runner}, {"unet": runner.weights()}))
+            unets[key] = entry
+            while len(unets) > self._capacity:
+                unets.popitem(last=False)
+        unets.move_to_end(key)
+        return entry
 
     def _encoder(self, model: Any) -> Runner:
         runner = self._encoders.get(model.source)
@@ -304,6 +346,37 @@ class IcLightStage:
             slot.unet_feeds["concat_conds"] = conds.expand(slot.rows, -1, -1, -1).to(model.unet.device)
         return refused
 
-    def denoiser(self, model: Any, unet: Runner, ic_light: IcLightInput | None) -> Runner:
-        """The batch's UNet: the IC-Light one when its requests carry IC-Light (one file per batch)."""
-        return unet if ic_light is None else self.unet(model, ic_light)
+    def denoiser(self, model: Any, request: Any, controlled: Any, ip_adapters: Any) -> Runner:
+        """The UNet runner of a batch with IC-Light (one file, one LoRA set and one IP-Adapter set per batch:
+        lora._batch_key; `request` its first LoraRequest): the patched UNet with the set's UNet deltas fused,
+        taking ControlNet residuals when `controlled` (the batch's guided_denoise.Controlled) is set, or the
+        IP-Adapter UNet the IP stage (`ip_adapters`, ember.pipeline.ip_adapter.IPAdapterStage) builds over
+        its weights; each behind IC-Light's concat (concat_conds its last input). ValueError naming the
+        field ("loras: ...", "ip_adapter: ...") when the batch cannot run on it."""
+        from ember.runtime.torch_runner import TorchRunner
+        from ember.specs.controlnet import CONTROLLED_UNET, ControlledUNet
+        from ember.specs.ic_light import ConcatConds, with_concat_conds
+
+        entry = self.patched(model, request.ic_light)
+        deltas = unet_part(request.loras)
+        problems = entry.loras.problems(deltas)
+        if problems:
+            raise ValueError("loras: " + "; ".join(problems) + " (with IC-Light's patched UNet)")
+        entry.loras.apply(deltas)
+        patched = entry.runner
+        unet = patched.module.unet  # type: ignore[attr-defined]  # the patched diffusers UNet
+        device, dtype = str(patched.device), unet.dtype
+        if request.ip_adapter is not None:  # built per batch (its scales are the batch's), as IP's own
+            inner = ip_adapters.denoiser(patched, patched, controlled, request.ip_adapter)
+            if not isinstance(inner, TorchRunner):
+                raise ValueError("ip_adapter: with IC-Light it needs the torch runtime")
+            spec, module = with_concat_conds(inner.spec), ConcatConds(inner.module)
+            return TorchRunner(spec, "", None, device, dtype, module=module, warmup=())
+        if controlled is None:
+            return patched
+        if entry.controlled is None:
+            module = ConcatConds(ControlledUNet(unet))
+            entry.controlled = TorchRunner(
+                with_concat_conds(CONTROLLED_UNET), "", None, device, dtype, module=module, warmup=()
+            )
+        return entry.controlled

@@ -1,17 +1,28 @@
-"""IP-Adapter image prompts for fal-ai/lora, as diffusers' StableDiffusionPipeline runs them after
-`load_ip_adapter` + `set_ip_adapter_scale` with `ip_adapter_image` (and `cross_attention_kwargs=
-{"ip_adapter_masks": ...}` from IPAdapterMaskProcessor for masks):
+"""IP-Adapter image prompts for fal-ai/lora, as diffusers' StableDiffusionPipeline (SD1.5 bases) and
+StableDiffusionXLPipeline (SDXL bases) run them after `load_ip_adapter` + `set_ip_adapter_scale` with
+`ip_adapter_image` (and `cross_attention_kwargs={"ip_adapter_masks": ...}` from IPAdapterMaskProcessor for
+masks):
 
 1. Image encoder stage: each adapter's image(s) -> CLIPImageProcessor -> CLIPVisionModelWithProjection
    (ember.specs.image_encoder). Plain IP-Adapters take the projected `image_embeds` (n, P) with zeros as
    the unconditional embeds; Plus / Full Face take the penultimate hidden states (n, T, Dv), unconditional
    = the encoder's hidden states of an all-zero image. Rows follow the slot's prompt rows:
    [uncond x k; cond x k] with classifier-free guidance, [cond x k] without -> (rows, n, ...).
+   fal's `unconditional_noising_factor` f > 0 replaces the unconditional input by noise, as fal's own
+   text-to-image app defines it (fal-ai/text-to-image's pipeline `encode_image`, public in the
+   okaris/fal-text-to-image history, commit 7b9892b): the unconditional image is `rand_like(pixel_values)
+   * f` (uniform [0, f) in the CLIP-preprocessed pixel space, one per image), encoded by the same encoder
+   (plain: its image_embeds, Plus: its penultimate hidden states). fal draws it from torch's global RNG;
+   here from a CPU generator seeded with the request's seed, so a seed gives the same image. At f = 0
+   diffusers' unconditional embeds stay (fal's code would give plain adapters encoder(zero image) there).
 2. IP UNet: a copy of the base model's torch UNet module whose parameters ARE the base UNet's (same
    tensors: LoRA refits reach it, no second copy of the weights), into which diffusers' own
    load_ip_adapter installs the image projection (encoder_hid_proj) and the IP attention processors
    (to_k_ip / to_v_ip). The base UNet module is never touched, so requests without IP-Adapter run
-   exactly as before. The UNet is then called with added_cond_kwargs={"image_embeds": [...]}.
+   exactly as before. The UNet is then called with added_cond_kwargs={"image_embeds": [...]}; an SDXL
+   UNet also gets its "text_time" conditions there (text_embeds (B, P), time_ids (B, 6): the slot's
+   unet_feeds from ember.pipeline.lora_xl, beside the image embeds). An adapter trained for the other
+   family (SD1.5's cross-attention width 768 vs SDXL's 2048) is refused before loading, naming ip_adapter.
 
 Requests run in one network batch only when they share the IP-Adapter set (weights, scales, the number of
 images per adapter and which adapters are masked): the attention processors hold one scale per adapter.
@@ -49,6 +60,7 @@ from ember.specs.base import TensorSpec
 from ember.specs.controlnet import CONTROLLED_UNET, RESIDUAL_NAMES
 from ember.specs.image_encoder import DEFAULT_WEIGHT_NAME, bind_image_encoder
 from ember.specs.lora import UNET
+from ember.specs.sdxl import UNET as XL_UNET
 
 # MEDIA reader: (index, what) -> the array the gateway sent (lora_io.media_array bound to one request).
 MediaReader = Callable[[Any, str], np.ndarray]
@@ -66,6 +78,14 @@ class IPAdapterWeights:
         """A plain IP-Adapter (diffusers' ImageProjection) projects `image_embeds`; the others (Plus,
         Full Face) take the image encoder's penultimate hidden states."""
         return "proj.weight" in self.state["image_proj"]
+
+    @property
+    def cross_attention_dim(self) -> int | None:
+        """The UNet cross-attention width its to_k_ip / to_v_ip layers take (SD1.5: 768, SDXL: 2048)."""
+        for key, value in self.state["ip_adapter"].items():
+            if key.endswith("to_k_ip.weight"):
+                return int(value.shape[-1])
+        return None
 
     @property
     def embed_width(self) -> int | None:
@@ -133,6 +153,7 @@ class IPAdapterUnit:
     # fal's scale_json: diffusers' per-block scale config ({"down": {"block_2": [0.0, 1.0]}, "up": ...}),
     # kept as canonical JSON text so that it hashes; replaces `scale` when set.
     scale_json: str | None = None
+    unconditional_noising_factor: float = 0.0  # fal's: 0 = diffusers' unconditional embeds (module docstring)
 
     @property
     def scale_config(self) -> float | dict[str, Any]:
@@ -243,6 +264,9 @@ def parse_ip_adapter_options(
         if mask is not None and (mask.ndim != 2 or mask.dtype != np.uint8):
             raise ValueError(f"{what}.ip_adapter_mask_url: the mask must be (H, W) uint8")
         scale_json = entry.get("scale_json")
+        noising = float(entry.get("unconditional_noising_factor", 0.0))
+        if not 0.0 <= noising <= 1.0:
+            raise ValueError(f"{what}.unconditional_noising_factor must be from 0 to 1, not {noising}")
         units.append(
             IPAdapterUnit(
                 weights,
@@ -250,6 +274,7 @@ def parse_ip_adapter_options(
                 mask,
                 float(entry.get("scale", 1.0)),
                 None if scale_json is None else json.dumps(scale_json, sort_keys=True),
+                noising,
             )
         )
     encoder = options.get("image_encoder") or {}
@@ -271,14 +296,18 @@ def parse_ip_adapter_options(
 
 class IPAdapterUNet(nn.Module):
     """Inputs in spec order: sample (B, C, h, w), timestep (B,), encoder_hidden_states (B, 77, D), then the
-    ControlNet residuals of ember.specs.controlnet.CONTROLLED_UNET when `controlled`, then per adapter its
-    image embeds (B, n, P) or (B, n, T, Dv), then per masked adapter its masks (B, n, H, W) in {0, 1}."""
+    `added` conditions (SDXL: text_embeds (B, P), time_ids (B, 6)), then the ControlNet residuals of
+    ember.specs.controlnet.CONTROLLED_UNET when `controlled`, then per adapter its image embeds (B, n, P)
+    or (B, n, T, Dv), then per masked adapter its masks (B, n, H, W) in {0, 1}."""
 
-    def __init__(self, unet: nn.Module, masked: tuple[bool, ...], controlled: bool):
+    def __init__(
+        self, unet: nn.Module, masked: tuple[bool, ...], controlled: bool, added: tuple[str, ...] = ()
+    ):
         super().__init__()
         self.unet = unet
         self.masked = masked
         self.controlled = controlled
+        self.added = added
         self.config = dict(unet.config)
 
     def forward(
@@ -289,6 +318,8 @@ class IPAdapterUNet(nn.Module):
         *rest: torch.Tensor,
     ) -> torch.Tensor:
         kwargs: dict[str, Any] = {}
+        conditions = dict(zip(self.added, rest[: len(self.added)], strict=True))
+        rest = rest[len(self.added) :]
         if self.controlled:
             residuals, rest = rest[: len(RESIDUAL_NAMES)], rest[len(RESIDUAL_NAMES) :]
             kwargs["down_block_additional_residuals"] = residuals[:-1]
@@ -302,16 +333,16 @@ class IPAdapterUNet(nn.Module):
             sample,
             timestep,
             encoder_hidden_states,
-            added_cond_kwargs={"image_embeds": list(rest[:n])},
+            added_cond_kwargs={**conditions, "image_embeds": list(rest[:n])},
             return_dict=False,
             **kwargs,
         )[0]
 
 
-def _unet_spec(request: IPAdapterRequest, controlled: bool) -> Any:
-    """The UNet's spec (with ControlNet residual inputs when `controlled`) plus the image-embed and mask
-    inputs of this adapter set. Built per adapter set for the torch runtime; not exported."""
-    base = CONTROLLED_UNET if controlled else UNET
+def _unet_spec(request: IPAdapterRequest, base: Any) -> Any:
+    """The base UNet's spec (SD1.5, SD1.5 with ControlNet residual inputs, or SDXL with its added
+    conditions) plus the image-embed and mask inputs of this adapter set. Built per adapter set for the
+    torch runtime; not exported."""
     extra = []
     for i, u in enumerate(request.units):
         images = f"images_{i}"
@@ -326,6 +357,21 @@ def _unet_spec(request: IPAdapterRequest, controlled: bool) -> Any:
             axes = ("batch", f"images_{i}", "image_height", "image_width")
             extra.append(TensorSpec(f"ip_mask_{i}", torch.float32, axes))
     return dataclasses.replace(base, name="unet_ip_adapter", inputs=(*base.inputs, *extra))
+
+
+def _check_widths(request: IPAdapterRequest, unet_config: Mapping[str, Any], family: str) -> None:
+    """ValueError unless every adapter's IP attention layers take the base UNet's cross-attention width:
+    an SD1.5 adapter (768) on an SDXL base (2048) or the reverse, said before diffusers fails to load it."""
+    width = unet_config.get("cross_attention_dim")
+    for i, unit in enumerate(request.units):
+        trained = unit.weights.cross_attention_dim
+        if isinstance(width, int) and trained not in (None, width):
+            raise ValueError(
+                f"ip_adapter[{i}] was made for a UNet with cross-attention width {trained}, but this {family} "
+                f"base model's UNet has {width}: an SD1.5 IP-Adapter cannot run on an SDXL base or the reverse; "
+                "pick the adapter made for the base (SDXL: e.g. h94/IP-Adapter with model_subfolder "
+                "sdxl_models, weight_name ip-adapter_sdxl.safetensors)"
+            )
 
 
 class IPAdapterStage:
@@ -367,10 +413,15 @@ class IPAdapterStage:
 
         wrapper = getattr(base, "module", None)  # TorchRunner's spec wrapper (lora.BaseModel: torch)
         if not isinstance(base, TorchRunner) or wrapper is None:
-            raise ValueError("it needs the base model's UNet on the torch runtime (EMBER_RUNTIME=torch)")
+            raise ValueError(
+                "it needs the base model's UNet on the torch runtime (models.toml [lora.sdv1-5] runtime = "
+                '"torch", or EMBER_RUNTIME=torch without that entry: the runtime of every fal-ai/lora base)'
+            )
         original = wrapper.unet  # the diffusers UNet2DConditionModel inside the spec wrapper
-        if original.config.get("addition_embed_type") == "text_time":
-            raise ValueError("SDXL base models are not supported with it yet (SD1.5 bases only)")
+        xl = original.config.get("addition_embed_type") == "text_time"
+        if xl and controlled:
+            raise ValueError("together with controlnets it is not supported yet on SDXL base models")
+        _check_widths(request, original.config, "SDXL" if xl else "SD1.5")
         copies = self._unets.setdefault(base, OrderedDict())
         digests = tuple(u.weights.digest for u in request.units)
         unet = copies.get(digests)
@@ -398,10 +449,13 @@ class IPAdapterStage:
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise ValueError(f"scale_json is not a valid per-block scale: {exc}") from exc
         masked = tuple(u.mask is not None for u in request.units)
-        module = IPAdapterUNet(unet, masked, controlled)
+        # SDXL: the "text_time" conditions the base spec takes after encoder_hidden_states
+        spec = XL_UNET if xl else CONTROLLED_UNET if controlled else UNET
+        added = tuple(t.name for t in spec.inputs[3:]) if xl else ()
+        module = IPAdapterUNet(unet, masked, controlled, added)
         dtype = next(unet.parameters()).dtype
         return TorchRunner(
-            _unet_spec(request, controlled), "", None, str(base.device), dtype, module=module, warmup=()
+            _unet_spec(request, spec), "", None, str(base.device), dtype, module=module, warmup=()
         )
 
     def denoiser(
@@ -423,12 +477,16 @@ class IPAdapterStage:
         that cannot run, by slot index."""
         errors = {}
         for slot in slots:
-            ip = requests[slot.index].ip_adapter
+            request = requests[slot.index]
+            ip = request.ip_adapter
             if ip is None:
                 continue
             k = slot.latents.shape[0]
+            # the unconditional_noising_factor noise: its own generator, seeded with the request's seed
+            noise = torch.Generator("cpu").manual_seed(request.seed)
             try:
-                slot.unet_feeds = self.feeds(ip, k, slot.rows > k, height, width)
+                # beside the slot's own UNet inputs (SDXL: text_embeds, time_ids)
+                slot.unet_feeds.update(self.feeds(ip, k, slot.rows > k, height, width, noise))
             except (
                 OSError,
                 ValueError,
@@ -439,9 +497,16 @@ class IPAdapterStage:
 
     @torch.inference_mode()
     def feeds(
-        self, request: IPAdapterRequest, k: int, do_cfg: bool, height: int, width: int
+        self,
+        request: IPAdapterRequest,
+        k: int,
+        do_cfg: bool,
+        height: int,
+        width: int,
+        noise: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """One request's extra UNet inputs, rows as its prompt rows ([uncond x k; cond x k] with CFG)."""
+        """One request's extra UNet inputs, rows as its prompt rows ([uncond x k; cond x k] with CFG).
+        `noise` draws the unconditional images of adapters with an unconditional_noising_factor."""
         from diffusers.image_processor import IPAdapterMaskProcessor
 
         runner, processor = self.encoder(request)
@@ -457,11 +522,16 @@ class IPAdapterStage:
                     f"encoder {request.image_encoder} gives {features}: pick the encoder the adapter was trained "
                     "with (image_encoder_path / image_encoder_subfolder)"
                 )
-            if unit.weights.plain:
-                cond = encoded["image_embeds"]  # (n, P)
+            output = "image_embeds" if unit.weights.plain else "hidden_states"
+            cond = encoded[output]  # (n, P) plain, (n, T, Dv) Plus / Full Face
+            if unit.unconditional_noising_factor > 0:  # fal's noised unconditional image (module docstring)
+                if noise is None:
+                    raise ValueError("unconditional_noising_factor needs the request's noise generator")
+                blank = torch.rand(pixels.shape, generator=noise) * unit.unconditional_noising_factor
+                uncond = runner.run({"pixel_values": blank})[output]
+            elif unit.weights.plain:
                 uncond = torch.zeros_like(cond)
             else:
-                cond = encoded["hidden_states"]  # (n, T, Dv)
                 uncond = runner.run({"pixel_values": torch.zeros_like(pixels)})["hidden_states"]
             rows = [uncond[None]] * k + [cond[None]] * k if do_cfg else [cond[None]] * k
             out[f"image_embeds_{i}"] = torch.cat(rows)  # (rows, n, ...)

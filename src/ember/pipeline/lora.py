@@ -25,7 +25,7 @@ from ember.pipeline.debug_latents import DebugLatents, collect, recorder
 from ember.pipeline.decode import to_uint8
 from ember.pipeline.guidance import uses_cfg
 from ember.pipeline.guided_denoise import GuidedSlot, guided_denoise, step_kwargs
-from ember.pipeline.ic_light import IcLightInput, IcLightStage, check_ic_light
+from ember.pipeline.ic_light import IcLightInput, IcLightStage
 from ember.pipeline.ip_adapter import IPAdapterRequest, IPAdapterStage
 from ember.pipeline.latents import initial_latents
 from ember.pipeline.lora_controlnets import ControlNetInput, ControlNets, check_controlnets
@@ -133,7 +133,6 @@ def check_request(request: LoraRequest) -> list[str]:
     if request.tile_stride[0] > request.tile[0] or request.tile_stride[1] > request.tile[1]:
         problems.append("tile_stride_width/height must not exceed tile_width/height")
     problems += check_controlnets(request.controlnets)
-    problems += check_ic_light(request)
     return problems
 
 
@@ -323,11 +322,13 @@ class LoraText2ImagePipeline:
         if slots:
             unet, controlled = self.controlnets.denoiser(model, slots)
             try:  # the IP UNet when the batch has IP-Adapters (one set per batch: _batch_key)
-                unet = self.ip_adapters.denoiser(model.unet, unet, controlled, first.ip_adapter)
+                if first.ic_light is None:
+                    unet = self.ip_adapters.denoiser(model.unet, unet, controlled, first.ip_adapter)
+                else:  # IC-Light (one file per batch): all of it on the patched UNet, the LoRAs fused there too
+                    unet = self.ic_light.denoiser(model, first, controlled, self.ip_adapters)
             except ValueError as exc:
                 failed.update({s.index: LoraResult(None, [], {}, error=str(exc)) for s in slots})
                 slots = []
-            unet = self.ic_light.denoiser(model, unet, first.ic_light)  # patched UNet (one file per batch)
         for same_length in by_sequence_length(slots):  # long weighted prompts: (2k, 77 * windows, D)
             guided_denoise(unet, same_length, on_step, controlled)
         denoised = time.perf_counter()

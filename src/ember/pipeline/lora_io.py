@@ -3,8 +3,9 @@
 Every input arrives with the batch dimension of 1 that max_batch_size > 0 adds: scalars are (1, 1).
 Structured fields travel as one JSON string, OPTIONS:
     {"loras": [{"file": 0, "scale": 0.7}, ...], "timesteps": [999, 500] | null, "sigmas": [...] | null,
-     "controlnets": [{"path", "variant", "image": 0, "mask": 1 | null, "conditioning_scale",
-                      "start_percentage", "end_percentage"}, ...], "controlnet_guess_mode": false}
+     "controlnets": [{"path", "variant", "config": {config_url's config.json} | null, "image": 0,
+                      "mask": 1 | null, "conditioning_scale", "start_percentage", "end_percentage"}, ...],
+     "controlnet_guess_mode": false}
 where "file" indexes LORA_FILES, (1, n) TYPE_STRING safetensors blobs the gateway fetched and checked.
 Textual-inversion files travel in LORA_FILES too, after the LoRAs: OPTIONS "embeddings":
 [{"file": 2, "tokens": ["<s0>", "<s1>"]}, ...] (ember.pipeline.textual_inversion).

@@ -7,7 +7,11 @@ force_upcast).
 
 The model plugs into ember.pipeline.lora's batch loop: `XLBaseModel.slot` builds the request's GuidedSlot
 (embeddings, pooled text_embeds and time_ids as unet_feeds) and the shared guided_denoise, tiled decode,
-safety and debug-latents stages run as for SD1.5. What is not wired for SDXL yet is refused by field.
+safety and debug-latents stages run as for SD1.5. The networks come from ember.pipeline.base_models on
+the lora model's runtime (torch, or onnxruntime: exported on first use, LoRAs by initializer override), a
+custom UNet (`unet_name`) included. ControlNets run as for SD1.5 (ember.pipeline.lora_controlnets: SDXL
+ControlNets get the UNet's text_embeds / time_ids rows, as StableDiffusionXLControlNetPipeline gives them).
+What is not wired for SDXL yet is refused by field.
 
 fal's negative_prompt defaults to "": an empty negative prompt is read as no negative prompt (diffusers'
 negative_prompt=None), so an SDXL base with force_zeros_for_empty_prompt (SDXL 1.0: true) conditions the
@@ -30,8 +34,9 @@ from ember.pipeline.guided_denoise import GuidedSlot, step_kwargs
 from ember.pipeline.latents import initial_latents
 from ember.pipeline.loras import LoraState
 from ember.pipeline.schedulers import fal_scheduler_config, new_scheduler_with
-from ember.pipeline.sdxl import XLTextEncoders, add_time_ids, check_added_conditions
-from ember.runtime import Runner, torch_dtype
+from ember.pipeline.sdxl import XLTextEncoders, add_time_ids, check_added_conditions, penultimate_inert
+from ember.pipeline.xl_text_conditioning import XLTextConditioner
+from ember.runtime import Runner
 from ember.settings import Settings
 
 _NOT_YET = "is not supported yet with SDXL base models (served for SD1.5 bases)"
@@ -53,18 +58,12 @@ def is_xl_source(source: str) -> bool:
 
 
 def xl_problems(request: Any) -> list[str]:
-    """The fields of a LoraRequest this SDXL path does not serve yet, each named (fal's field names)."""
+    """The fields of a LoraRequest this SDXL path cannot serve, each named (fal's field names)."""
+    from ember.pipeline.ic_light import SD15_ONLY
+
     problems = []
-    for field, used in (
-        ("unet_name", bool(request.model.unet)),
-        ("controlnets", bool(request.controlnets)),
-        ("ip_adapter", request.ip_adapter is not None),
-        ("ic_light_model_url", request.ic_light is not None),
-        ("embeddings", bool(request.embeddings)),
-        ("prompt_weighting", request.prompt_weighting),
-    ):
-        if used:
-            problems.append(f"{field} {_NOT_YET}")
+    if request.ic_light is not None:  # not a gap: IC-Light files are offsets for the SD1.5 UNet
+        problems.append(SD15_ONLY)
     return problems
 
 
@@ -84,27 +83,18 @@ class _Skip:
 
 
 class XLBaseModel:
-    """One resident SDXL base model: four runners (torch), two tokenizers, configs and its LoRA state."""
+    """One resident SDXL base model: four runners (torch or onnxruntime), two tokenizers, configs and its
+    LoRA state."""
 
     def __init__(self, settings: Settings, ref: Any, on_log: Callable[[str], None] | None = None):
-        import dataclasses
-
-        from ember.pipeline.base_models import LazyWeights, _nothing, convert_single_file, lora_runtime
-        from ember.runtime.torch_runner import TorchRunner
+        from ember.pipeline import base_models
         from ember.specs.lora_xl import bind_xl_loaders
 
-        runtime = lora_runtime(settings)
-        if runtime != "torch":
-            raise ValueError(
-                f"{ref.source} is an SDXL base model, which fal-ai/lora serves on the torch runtime only "
-                f'(models.toml [lora.sdv1-5] runtime = {runtime!r}; set runtime = "torch")'
-            )
-        if ref.unet:
-            raise ValueError(f"unet_name: a custom UNet {_NOT_YET}")
-        if Path(ref.source).is_file():  # an SDXL single-file checkpoint: a cached diffusers directory
-            ref = dataclasses.replace(
-                ref, source=str(convert_single_file(settings, Path(ref.source), on_log or _nothing))
-            )
+        log = on_log or base_models._nothing
+        # SD1.5's path: single files (model_name, unet_name) converted to cached directories, a custom UNet
+        # of another family refused naming unet_name; then the runners on the lora model's runtime (torch
+        # loads the directory, onnxruntime exports the four networks once into the artifact cache).
+        ref = base_models.prepare(settings, ref, log)
         self.source = ref.source
         root = Path(ref.source)
         parts = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae", "scheduler")
@@ -115,38 +105,55 @@ class XLBaseModel:
                 "incomplete diffusers directory: save the whole StableDiffusionXLPipeline)"
             )
         read = lambda *parts: json.loads(root.joinpath(*parts).read_text(encoding="utf-8"))
-        index, vae_config, unet_config = (
-            read("model_index.json"),
-            read("vae", "config.json"),
-            read("unet", "config.json"),
-        )
-        dtype = torch_dtype(settings.dtype)
+        index, vae_config = read("model_index.json"), read("vae", "config.json")
+        unet_dir = Path(ref.unet or root / "unet")  # unet_name: a UNet directory (prepare checked it fits)
+        unet_config = json.loads((unet_dir / "config.json").read_text(encoding="utf-8"))
+        if vae_config.get("latents_mean") is not None:  # diffusers then de-normalizes per channel too
+            raise ValueError(f"model_name {ref.source!r}: a VAE with latents_mean/std {_NOT_YET}")
         # diffusers upcasts a VAE whose config sets force_upcast to float32 when the pipeline runs in fp16
-        vae_dtype = torch.float32 if vae_config.get("force_upcast", True) else dtype
-        text, text_2, unet, vae = bind_xl_loaders(ref.variant)
-        self.text_encoder = TorchRunner(text, ref.source, None, settings.device, dtype)
-        self.text_encoder_2 = TorchRunner(text_2, ref.source, None, settings.device, dtype)
-        self.unet: Runner = TorchRunner(unet, ref.source, None, settings.device, dtype)
-        self.vae_decoder: Runner = TorchRunner(vae, ref.source, None, settings.device, vae_dtype)
+        networks = bind_xl_loaders(ref.variant, ref.unet, vae_fp32=vae_config.get("force_upcast", True))
+        self.text_encoder: Runner
+        self.text_encoder_2: Runner
+        self.unet: Runner
+        self.vae_decoder: Runner
+        self.text_encoder, self.text_encoder_2, self.unet, self.vae_decoder = base_models.runners(
+            settings, ref, log, networks, base_models.LORA_XL_FAMILY
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(ref.source, subfolder="tokenizer")
         self.tokenizer_2 = AutoTokenizer.from_pretrained(ref.source, subfolder="tokenizer_2")
         self.scheduler_config: dict[str, Any] = read("scheduler", "scheduler_config.json")
         # StableDiffusionXLPipeline registers force_zeros_for_empty_prompt=True unless the model says otherwise
         self.force_zeros = bool(index.get("force_zeros_for_empty_prompt", True))
+        # Prompt conditioning: the plain encoders, or for embeddings / prompt_weighting the extended ones
+        # (built on first use: over the same weights on torch, an export of their own on onnxruntime, which
+        # LoRA refits reach through self.text.text[i])
+        self.text = XLTextConditioner(
+            self.encoders,
+            (self.text_encoder, self.text_encoder_2),
+            (self.tokenizer, self.tokenizer_2),
+            self.force_zeros,
+            settings,
+            ref,
+        )
         pooled_dim = int(read("text_encoder_2", "config.json")["projection_dim"])
         check_added_conditions(unet_config, pooled_dim)
         self.latent_channels = int(unet_config["in_channels"])
         self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
         self.vae_scaling_factor = float(vae_config["scaling_factor"])
-        if vae_config.get("latents_mean") is not None:  # diffusers then de-normalizes per channel too
-            raise ValueError(f"model_name {ref.source!r}: a VAE with latents_mean/std {_NOT_YET}")
+        text_layers = int(read("text_encoder", "config.json")["num_hidden_layers"])
         self.loras = LoraState(
-            {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2},
+            {"unet": self.unet, "text_encoder": self.text.text[0], "text_encoder_2": self.text.text[1]},
             {
-                "unet": LazyWeights(self.unet),
-                "text_encoder": LazyWeights(self.text_encoder),
-                "text_encoder_2": LazyWeights(self.text_encoder_2),
+                name: base_models.LazyWeights(runner)
+                for name, runner in (
+                    ("unet", self.unet),
+                    ("text_encoder", self.text_encoder),
+                    ("text_encoder_2", self.text_encoder_2),
+                )
             },
+            # the first encoder is read at hidden_states[-2..-4]: its last layer reaches no output (and the
+            # ONNX export prunes it), so a LoRA's deltas there are skipped rather than refused
+            inert={"text_encoder": penultimate_inert(text_layers)},
         )
 
     def encoders(self, clip_skip: int) -> XLTextEncoders:
@@ -165,16 +172,17 @@ class XLBaseModel:
         if problems:
             raise ValueError("; ".join(problems))
         device = self.unet.device
-        positive = self.encoders(r.clip_skip).encode([r.prompt])
-        embeds, pooled = positive.embeddings, positive.pooled  # (1, 77, D), (1, P)
-        if uses_cfg(r.guidance_scale):
-            # diffusers' SDXL encode_prompt applies clip_skip to the prompt only: the negative prompt is
-            # always read at hidden_states[-2] (skip 0)
-            negative = self.encoders(0).encode_negative(
-                [r.negative_prompt or None], positive, self.force_zeros
-            )
-            embeds = torch.cat([negative.embeddings, embeds])
-            pooled = torch.cat([negative.pooled, pooled])
+        # (R, S, D1 + D2) and (R, P), R = 2 [negative; prompt] with CFG else 1; S = 77, or 77 * windows for
+        # long weighted prompts. clip_skip on the prompt only, as diffusers (ember.pipeline.xl_text_conditioning)
+        conditioning = self.text.encode(
+            r.prompt,
+            r.negative_prompt,
+            r.clip_skip,
+            uses_cfg(r.guidance_scale),
+            r.prompt_weighting,
+            r.embeddings,
+        )
+        embeds, pooled = conditioning.embeddings, conditioning.pooled
         k = r.num_images
         size = (r.height, r.width)
         rows = embeds.shape[0] * k

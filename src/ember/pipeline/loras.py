@@ -205,6 +205,12 @@ class LoraState:
     def current(self) -> tuple[tuple[str, float], ...]:
         return self._current
 
+    def pristine(self, component: str) -> dict[str, torch.Tensor]:
+        """The pristine copy of every `component` weight a LoRA set has touched; the runner's other weights
+        are pristine as they are. Together: the base weights whatever set is fused now (IC-Light builds its
+        patched UNet from them, ember.pipeline.ic_light)."""
+        return dict(self._base.get(component, {}))
+
     def _pristine(self, component: str, name: str) -> torch.Tensor:
         if name not in self._base[component]:
             state = self._base_state[component]

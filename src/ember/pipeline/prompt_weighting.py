@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from compel import Compel
 from compel.embeddings_provider import BaseTextualInversionManager
+from transformers import PreTrainedTokenizerBase
 
 from ember.pipeline.textual_inversion import Vocabulary
 from ember.runtime import Runner
@@ -57,11 +58,19 @@ class CompelTextEncoder:
         output_hidden_states: bool = False,
         return_dict: bool = True,
     ) -> SimpleNamespace:
+        out = self.encode(input_ids, attention_mask)
+        return SimpleNamespace(last_hidden_state=out["picked"], hidden_states=None)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The runner's outputs for compel's ids (textual-inversion ids mapped to the extra rows), plus
+        "picked": the hidden state (B, S, D) the request's clip_skip selects."""
         ids = self.vocabulary.model_ids(input_ids.long().cpu(), self.vocab_size)
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask.long().cpu()
-        feeds = {"input_ids": ids, "attention_mask": mask, "extra_embeddings": self.extra}
-        hidden = self.runner.run(feeds)["hidden_states"][:, self.clip_skip]  # (B, 77, D)
-        return SimpleNamespace(last_hidden_state=hidden, hidden_states=None)
+        out = dict(
+            self.runner.run({"input_ids": ids, "attention_mask": mask, "extra_embeddings": self.extra})
+        )
+        out["picked"] = out["hidden_states"][:, self.clip_skip]
+        return out
 
 
 class _Expansions(BaseTextualInversionManager):
@@ -75,6 +84,29 @@ class _Expansions(BaseTextualInversionManager):
         return self.vocabulary.expand(token_ids)
 
 
+def check_windows(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> None:
+    """ValueError unless each prompt fits in MAX_WINDOWS windows of 75 tokens."""
+    window = tokenizer.model_max_length - 2
+    for text in prompts:
+        count = len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
+        if count > window * MAX_WINDOWS:
+            raise ValueError(
+                f"prompt_weighting: a prompt of {count} tokens; at most {window * MAX_WINDOWS} "
+                f"({MAX_WINDOWS} windows of {window}) are served"
+            )
+
+
+def check_exported_length(length: int, any_length: bool) -> None:
+    """ValueError for weighted conditioning of more than one 77-token window where the UNet is an export
+    (onnxruntime), whose sequence axis is static (77); `any_length`: the torch runtime, which takes any."""
+    if length > 77 and not any_length:
+        raise ValueError(
+            f"prompt_weighting: a prompt of {length // 77} windows of 75 tokens; on the onnxruntime runtime "
+            "the exported UNet takes one window (75 tokens): shorten the prompt, or serve with models.toml "
+            '[lora.sdv1-5] runtime = "torch"'
+        )
+
+
 def weighted_embeddings(
     runner: Runner,
     vocabulary: Vocabulary,
@@ -84,14 +116,7 @@ def weighted_embeddings(
     width: int,
 ) -> torch.Tensor:
     """(P, 77 * w, D): compel's conditioning for each prompt, all padded to the same w windows."""
-    window = vocabulary.tokenizer.model_max_length - 2
-    for text in prompts:
-        count = len(vocabulary.tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
-        if count > window * MAX_WINDOWS:
-            raise ValueError(
-                f"prompt_weighting: a prompt of {count} tokens; at most {window * MAX_WINDOWS} "
-                f"({MAX_WINDOWS} windows of {window}) are served"
-            )
+    check_windows(vocabulary.tokenizer, prompts)
     compel: Any = Compel(
         tokenizer=vocabulary.tokenizer,
         text_encoder=CompelTextEncoder(runner, vocabulary, clip_skip, vocab_size, width),

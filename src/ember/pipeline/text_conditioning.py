@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ember.pipeline.encode import tokenize
 from ember.pipeline.guided_denoise import GuidedSlot
-from ember.pipeline.prompt_weighting import weighted_embeddings
+from ember.pipeline.prompt_weighting import check_exported_length, weighted_embeddings
 from ember.pipeline.textual_inversion import Embedding, Vocabularies, Vocabulary
 from ember.runtime import Runner
 from ember.settings import Settings
@@ -119,10 +119,12 @@ class TextConditioner:
             return hidden[:, clip_skip]
         vocabulary = self.vocabularies.get(embeddings)
         if prompt_weighting:  # 3.
-            return weighted_embeddings(
+            weighted = weighted_embeddings(
                 self.extended, vocabulary, prompts, clip_skip, self.vocab_size, self.width
             )
-        ids = self._truncated_ids(vocabulary, prompts)  # 2.
+            check_exported_length(weighted.shape[1], any_length=self._shares_weights)  # torch: any length
+            return weighted
+        ids = truncated_ids(vocabulary, prompts)  # 2.
         assert vocabulary.extra is not None  # there are embeddings
         feeds = {
             "input_ids": vocabulary.model_ids(ids, self.vocab_size),
@@ -131,20 +133,20 @@ class TextConditioner:
         }
         return self.extended.run(feeds)["hidden_states"][:, clip_skip]
 
-    @staticmethod
-    def _truncated_ids(vocabulary: Vocabulary, prompts: list[str]) -> torch.Tensor:
-        """(P, 77): multi-vector tokens expanded, then truncated and padded as diffusers' encode_prompt does
-        after maybe_convert_prompt."""
-        tokenizer = vocabulary.tokenizer
-        length = tokenizer.model_max_length
-        rows = []
-        for text in prompts:
-            ids = vocabulary.expand(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)[
-                : length - 2
-            ]
-            ids = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
-            rows.append(ids + [tokenizer.pad_token_id] * (length - len(ids)))
-        return torch.tensor(rows, dtype=torch.int64)
+
+def truncated_ids(vocabulary: Vocabulary, prompts: list[str]) -> torch.Tensor:
+    """(P, 77): multi-vector tokens expanded, then truncated and padded (with the tokenizer's own pad token)
+    as diffusers' encode_prompt does after maybe_convert_prompt."""
+    tokenizer = vocabulary.tokenizer
+    length = tokenizer.model_max_length
+    rows = []
+    for text in prompts:
+        ids = vocabulary.expand(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)[
+            : length - 2
+        ]
+        ids = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+        rows.append(ids + [tokenizer.pad_token_id] * (length - len(ids)))
+    return torch.tensor(rows, dtype=torch.int64)
 
 
 def by_sequence_length(slots: Sequence[GuidedSlot]) -> list[list[GuidedSlot]]:

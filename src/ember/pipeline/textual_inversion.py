@@ -22,7 +22,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ember.endpoints.lora.embeddings import check_tokens, embedding_layout, token_vectors
+from ember.endpoints.lora.embeddings import (
+    EmbeddingLayout,
+    check_tokens,
+    embedding_layout,
+    family_mismatch,
+    token_vectors,
+)
 from ember.specs.lora_text import EXTRA_TOKENS
 
 _DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
@@ -34,11 +40,27 @@ class Embedding:
 
     digest: str  # sha256 of the file
     tokens: tuple[tuple[str, tuple[int, ...]], ...]
-    vectors: torch.Tensor  # (n, D) float32
+    vectors: torch.Tensor  # (n, D) float32; SDXL files: clip_l's, for the first text encoder
+    vectors_2: torch.Tensor | None = None  # SDXL files: clip_g's (n, D2), for the second; else None
 
     @property
     def key(self) -> tuple[str, tuple[tuple[str, tuple[int, ...]], ...]]:
         return (self.digest, self.tokens)
+
+    @property
+    def layout(self) -> EmbeddingLayout:
+        n, width = self.vectors.shape
+        if self.vectors_2 is None:
+            return EmbeddingLayout("vectors", n, width)
+        return EmbeddingLayout("clip_l", n, width, "clip_g", self.vectors_2.shape[1])
+
+    def for_encoder(self, index: int) -> Embedding:
+        """An SDXL embedding's rows for text encoder `index` (0: clip_l, 1: clip_g), as a one-encoder
+        Embedding with the same tokens (diffusers loads each tensor into its own encoder and tokenizer)."""
+        vectors = self.vectors if index == 0 else self.vectors_2
+        if vectors is None:
+            raise ValueError("not an SDXL embedding: it holds vectors for one text encoder only")
+        return Embedding(self.digest, self.tokens, vectors)
 
 
 def parse_embedding(state: Mapping[str, torch.Tensor], digest: str, tokens: Sequence[str]) -> Embedding:
@@ -48,8 +70,19 @@ def parse_embedding(state: Mapping[str, torch.Tensor], digest: str, tokens: Sequ
         {name: (_DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for name, t in state.items()}
     )
     vectors = state[layout.key].float().reshape(layout.vectors, layout.width)
+    vectors_2 = None
+    if layout.key_2 is not None:  # SDXL: {"clip_l": (n, D1), "clip_g": (n, D2)}
+        vectors_2 = state[layout.key_2].float().reshape(layout.vectors, layout.width_2)
     mapping = tuple((token, tuple(rows)) for token, rows in token_vectors(tokens, layout.vectors))
-    return Embedding(digest, mapping, vectors)
+    return Embedding(digest, mapping, vectors, vectors_2)
+
+
+def check_families(embeddings: Sequence[Embedding], xl_base: bool) -> None:
+    """ValueError naming embeddings[i] for an embedding made for the other model family."""
+    for i, embedding in enumerate(embeddings):
+        mismatch = family_mismatch(embedding.layout, xl_base)
+        if mismatch:
+            raise ValueError(f"embeddings[{i}]: {mismatch}")
 
 
 def load_embedding(blob: bytes, tokens: Sequence[str]) -> Embedding:
@@ -106,6 +139,7 @@ def build_vocabulary(
     base_size = len(tokenizer)
     if not embeddings:
         return Vocabulary(tokenizer, base_size)
+    check_families(embeddings, xl_base=False)  # SDXL bases pass each encoder's rows (Embedding.for_encoder)
     vocab = tokenizer.get_vocab()
     names: list[tuple[str, torch.Tensor]] = []  # added token -> its vector, in id order
     groups: list[tuple[str, list[str]]] = []  # trigger token -> the tokens it expands to

@@ -115,6 +115,11 @@ class TorchRunner(Runner):
         """The spec's wrapper module this runner runs (e.g. to wrap the same weights for another spec)."""
         return self._module
 
+    @property
+    def spec(self) -> NetworkSpec:
+        """The spec this runner runs (its inputs' names and order: `run` feeds them positionally)."""
+        return self._spec
+
     def _build_forward(self, compile_mode: str) -> Callable[..., tuple[torch.Tensor, ...]]:
         def eager(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
             out = self._module(*args)

@@ -151,6 +151,16 @@ FAMILIES: dict[tuple[str, str], ModelFamily] = {
         build_demo="ember.specs.demo_lora:build_tiny_sd15",
         demo_version=1,
     ),
+    # fal-ai/lora SDXL base models on onnxruntime (ember.pipeline.lora_xl through base_models): the two
+    # clip-skip encoders, the plain SDXL UNet, the VAE decoder; bound per request like ("lora", "sdv1-5").
+    ("lora", "sdxl"): ModelFamily(
+        networks="ember.specs.lora_xl:NETWORKS",
+        spec_versions={"text_encoder": 1, "text_encoder_2": 1, "unet": 1, "vae_decoder": 1},
+        scheduler_class=None,
+        build_demo="ember.specs.demo_sdxl:build_tiny_sdxl",
+        demo_version=1,
+        extra_tokenizers=("tokenizer_2",),
+    ),
     # The Stable Diffusion safety checker, shared by every endpoint (ember.pipeline.safety).
     ("safety_checker", "sd"): ModelFamily(
         networks="ember.specs.safety:SAFETY_NETWORKS",

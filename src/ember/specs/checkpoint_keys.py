@@ -62,10 +62,35 @@ def unet_file_layout(names: Iterable[str]) -> str:
     if "conv_in.weight" in keys:
         return "diffusers"
     if any(k.startswith(LDM_UNET_PREFIXES) for k in keys):
-        if SDXL_LABEL_EMB in keys or "diffusion_model.label_emb.0.0.weight" in keys:
-            raise ValueError("this UNet file is an SDXL UNet; fal-ai/lora serves SD1.5 UNets only for now")
         return "ldm"
     raise ValueError(
         "this is not a UNet weight file: no diffusers UNet keys (conv_in.weight) and no "
         "model.diffusion_model.* / diffusion_model.* tensors"
     )
+
+
+def unet_file_family(names: Iterable[str]) -> str:
+    """"sdxl" when a UNet-only weight file (either layout) has SDXL's size/crop ("text_time") embedding
+    (LDM `label_emb.*`, diffusers `add_embedding.*`), else "sd15": what the base model it replaces must be."""
+    xl = ("label_emb.", "add_embedding.")
+    return "sdxl" if any(k.split("diffusion_model.")[-1].startswith(xl) for k in names) else "sd15"
+
+
+CONTROLNET_LDM = "control_model."  # original ControlNet files (lllyasviel's .pth layout) name tensors so
+
+
+def controlnet_file_family(names: Iterable[str]) -> str:
+    """The family ("sd15" or "sdxl") of a single-file ControlNet, from its tensor names: diffusers' own
+    names (ControlNetModel.state_dict(), `controlnet_cond_embedding.*`) or the original ones
+    (`input_hint_block.*`, `zero_convs.*`, under `control_model.` or bare); SDXL's carries the "text_time"
+    embedding (`add_embedding.*` / `label_emb.*`). ValueError for a file that is no ControlNet."""
+    keys = set(names)
+    diffusers = "controlnet_cond_embedding.conv_in.weight" in keys
+    original = any(k.startswith(CONTROLNET_LDM) for k in keys) or "input_hint_block.0.weight" in keys
+    if not (diffusers or original):
+        raise ValueError(
+            "this is not a ControlNet weight file: no controlnet_cond_embedding.* (diffusers) or "
+            "input_hint_block.* / control_model.* (original) tensors"
+        )
+    xl = {"add_embedding.linear_1.weight", "label_emb.0.0.weight", f"{CONTROLNET_LDM}label_emb.0.0.weight"}
+    return "sdxl" if keys & xl else "sd15"

@@ -51,14 +51,21 @@ def residual_layout(config: Mapping[str, Any]) -> list[tuple[int, int]]:
     if len(channels) != SD15_BLOCKS or layers != SD15_LAYERS:
         raise ValueError(
             f"ControlNet residuals are declared for SD1.5's {SD15_BLOCKS} blocks x {SD15_LAYERS} layers, "
-            f"not {len(channels)} blocks x {layers} layers: use an SD1.5 model (SDXL ControlNet is a later issue)"
+            f"not {len(channels)} blocks x {layers} layers: use an SD1.5 model (SDXL: ember.specs.controlnet_xl)"
         )
+    return skip_layout(channels, layers)
+
+
+def skip_layout(channels: list[int], layers: int) -> list[tuple[int, int]]:
+    """(channels, level) of a UNet encoder's skip connections and mid block, in the order diffusers'
+    ControlNetModel returns its residuals: conv_in, `layers` resnets per block, a downsampler after every
+    block but the last (at the next level), then the mid block (at the deepest level)."""
     layout = [(channels[0], 0)]  # conv_in
     for block, width in enumerate(channels):
         layout += [(width, block)] * layers  # the block's resnets
-        if block < SD15_BLOCKS - 1:
+        if block < len(channels) - 1:
             layout.append((width, block + 1))  # its downsampler, at the next level
-    layout.append((channels[-1], SD15_BLOCKS - 1))  # mid block
+    layout.append((channels[-1], len(channels) - 1))  # mid block
     return layout
 
 

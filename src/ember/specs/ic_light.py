@@ -3,11 +3,13 @@ concat_conds (4 channels "fc", 8 channels "fbc"), concatenated inside the wrappe
 hooked_unet_forward does it (after the scheduler scaled the latents; conds repeated over the batch rows).
 
 Built from a base model's UNet plus an IC-Light offset file (`ember.pipeline.ic_light.patch_unet`), never
-loaded by name: `load` says so.
+loaded by name: `load` says so. With ControlNets or IP-Adapters the patched UNet runs inside their wrappers
+instead, behind the same concat (ConcatConds, `with_concat_conds`): torch runtime only, not exported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,11 +43,45 @@ class IcLightUNet(nn.Module):
         return self.unet(wide, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
+class ConcatConds(nn.Module):
+    """IC-Light's concat in front of another UNet wrapper whose diffusers UNet is a patched one (the
+    ControlNet-residual one of ember.specs.controlnet, the IP-Adapter one of ember.pipeline.ip_adapter):
+    inputs are the inner wrapper's, then concat_conds (B, 4 | 8, h, w) last; the inner wrapper gets
+    cat([sample, concat_conds], dim=1) as its sample. ControlNets run outside it, on the 4-channel sample,
+    as diffusers' ControlNet pipeline feeds them the latents while IC-Light's hook widens only the UNet's."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.config = getattr(inner, "config", None)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *rest: torch.Tensor,
+    ) -> torch.Tensor:
+        *inner, concat_conds = rest
+        wide = torch.cat([sample, concat_conds.to(sample)], dim=1)
+        return self.inner(wide, timestep, encoder_hidden_states, *inner)
+
+
+def with_concat_conds(spec: NetworkSpec) -> NetworkSpec:
+    """`spec` (a UNet wrapper's) plus concat_conds as its last input: the spec of ConcatConds(wrapper)."""
+    return dataclasses.replace(spec, name=f"ic_light_{spec.name}", inputs=(*spec.inputs, CONCAT_CONDS))
+
+
 def _load(source: str, revision: str | None, dtype: torch.dtype) -> nn.Module:
     raise ValueError(
         "the IC-Light UNet is built from a base UNet and an IC-Light offset file "
         "(ember.pipeline.ic_light.patch_unet), not loaded from a model directory"
     )
+
+
+CONCAT_CONDS = TensorSpec(
+    "concat_conds", torch.float32, ("batch", "concat_channels", "latent_height", "latent_width")
+)
 
 
 def _dims(config: Mapping[str, Any]) -> dict[str, int]:
@@ -56,12 +92,7 @@ IC_LIGHT_UNET = NetworkSpec(
     name="ic_light_unet",
     subfolder="unet",
     version=1,
-    inputs=(
-        *UNET.inputs,
-        TensorSpec(
-            "concat_conds", torch.float32, ("batch", "concat_channels", "latent_height", "latent_width")
-        ),
-    ),
+    inputs=(*UNET.inputs, CONCAT_CONDS),
     outputs=UNET.outputs,
     load=_load,
     static_dims=_dims,

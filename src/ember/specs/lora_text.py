@@ -50,24 +50,38 @@ class ExtendedTextEncoder(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, extra_embeddings: torch.Tensor
     ) -> torch.Tensor:
         model = getattr(self.text_encoder, "text_model", self.text_encoder)  # transformers 4.x nests it
-        table = model.embeddings.token_embedding
-        vocab = table.num_embeddings
-        extra = input_ids >= vocab  # (B, S)
-        own = table(input_ids.clamp(max=vocab - 1))  # (B, S, D)
-        added = nn.functional.embedding((input_ids - vocab).clamp(min=0), extra_embeddings.to(own.dtype))
-        hidden = model.embeddings(inputs_embeds=torch.where(extra.unsqueeze(-1), added, own))
-        mask = create_causal_mask(
-            config=self.text_encoder.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=None,
-        )
-        states = [hidden]  # hidden_states[0] is the embeddings output, then one per layer
-        for layer in model.encoder.layers:
-            hidden = layer(hidden, mask, is_causal=True)
-            states.append(hidden)
+        states = clip_hidden_states(self.text_encoder, input_ids, attention_mask, extra_embeddings)
         norm = model.final_layer_norm
         return torch.stack([norm(states[-(skip + 1)]) for skip in range(CLIP_SKIPS)], dim=1)
+
+
+def clip_hidden_states(
+    text_encoder: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    extra_embeddings: torch.Tensor,
+) -> list[torch.Tensor]:
+    """CLIPTextModel's hidden_states (each (B, S, D); [0] the embeddings output, then one per layer, no
+    final layer norm) for ids that may pick rows of `extra_embeddings` (id >= vocab_size) and a padding
+    mask. Shared by ExtendedTextEncoder and SDXL's (ember.specs.lora_xl_text)."""
+    model = getattr(text_encoder, "text_model", text_encoder)  # transformers 4.x nests it
+    table = model.embeddings.token_embedding
+    vocab = table.num_embeddings
+    extra = input_ids >= vocab  # (B, S)
+    own = table(input_ids.clamp(max=vocab - 1))  # (B, S, D)
+    added = nn.functional.embedding((input_ids - vocab).clamp(min=0), extra_embeddings.to(own.dtype))
+    hidden = model.embeddings(inputs_embeds=torch.where(extra.unsqueeze(-1), added, own))
+    mask = create_causal_mask(
+        config=text_encoder.config,
+        inputs_embeds=hidden,
+        attention_mask=attention_mask,
+        past_key_values=None,
+    )
+    states = [hidden]  # hidden_states[0] is the embeddings output, then one per layer
+    for layer in model.encoder.layers:
+        hidden = layer(hidden, mask, is_causal=True)
+        states.append(hidden)
+    return states
 
 
 def _load(source: str, revision: str | None, dtype: torch.dtype) -> nn.Module:

@@ -8,8 +8,10 @@ diffusers' StableDiffusionXLPipeline.encode_prompt reads `hidden_states[-(clip_s
 hidden_states[-2] whatever clip_skip is: ember.pipeline.lora_xl). The encoders here return all three choices at
 once: (B, 3, 77, D) for fal's clip_skip 0, 1, 2.
 
-The base model is named per request, so `load` is bound to the request's `variant` with `bind_xl_loaders`.
-Torch runtime only for now (ember.pipeline.lora_xl says so to requests on another runtime).
+The base model is named per request, so `load` is bound to the request's `variant` and custom UNet
+(`unet_name`) with `bind_xl_loaders`. On the torch runtime they load the directory directly; on
+onnxruntime ember.pipeline.base_models exports them once (artifact family ("lora", "sdxl")), with refit
+maps, so LoRAs on the UNet and both encoders refit the ONNX Runtime sessions.
 """
 
 from __future__ import annotations
@@ -85,17 +87,27 @@ def _load_text_encoder_2(source: str, revision: str | None, dtype: torch.dtype, 
     return XLClipSkipTextEncoderWithProjection(model.eval())
 
 
-def _load_unet(source: str, revision: str | None, dtype: torch.dtype, variant: str | None = None):
-    if variant is None:
+def _load_unet(
+    source: str,
+    revision: str | None,
+    dtype: torch.dtype,
+    variant: str | None = None,
+    unet_source: str | None = None,
+):
+    if variant is None and unet_source is None:
         return XLUNet(_load_xl_unet(source, revision, dtype))
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(
-        source, subfolder="unet", revision=revision, dtype=dtype, variant=variant
-    )
+    if unet_source:  # unet_name: a UNet directory of its own (config.json at its root)
+        unet = UNet2DConditionModel.from_pretrained(unet_source, dtype=dtype, variant=variant)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", revision=revision, dtype=dtype, variant=variant
+        )
     if unet.config.addition_embed_type != "text_time":
         raise ValueError(
-            f"{source} has no SDXL UNet (addition_embed_type {unet.config.addition_embed_type!r})"
+            f"{unet_source or source} has no SDXL UNet (addition_embed_type "
+            f"{unet.config.addition_embed_type!r})"
         )
     return XLUNet(unet.eval())
 
@@ -154,12 +166,22 @@ TEXT_ENCODER_2 = NetworkSpec(
 NETWORKS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER)
 
 
-def bind_xl_loaders(variant: str | None) -> tuple[NetworkSpec, ...]:
-    """(text_encoder, text_encoder_2, unet, vae_decoder) specs loading the base model's `variant` weights."""
+def bind_xl_loaders(
+    variant: str | None, unet_source: str | None = None, vae_fp32: bool = False
+) -> tuple[NetworkSpec, ...]:
+    """(text_encoder, text_encoder_2, unet, vae_decoder) specs loading the base model's `variant` weights
+    and custom UNet (`unet_source`, a diffusers UNet directory). `vae_fp32`: the VAE config sets
+    force_upcast, so the decoder keeps float32 whatever EMBER_DTYPE / the engine precision says (diffusers
+    upcasts it the same way; the original SDXL VAE overflows fp16)."""
     import dataclasses
 
-    loaders = (_load_text_encoder, _load_text_encoder_2, _load_unet, _load_vae)
-    return tuple(
-        dataclasses.replace(spec, load=functools.partial(load, variant=variant))
-        for spec, load in zip(NETWORKS, loaders, strict=True)
+    loaders = (
+        functools.partial(_load_text_encoder, variant=variant),
+        functools.partial(_load_text_encoder_2, variant=variant),
+        functools.partial(_load_unet, variant=variant, unet_source=unet_source),
+        functools.partial(_load_vae, variant=variant),
     )
+    text, text_2, unet, vae = (
+        dataclasses.replace(spec, load=load) for spec, load in zip(NETWORKS, loaders, strict=True)
+    )
+    return text, text_2, unet, dataclasses.replace(vae, engine_dtype=torch.float32 if vae_fp32 else None)

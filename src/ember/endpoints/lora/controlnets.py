@@ -2,10 +2,13 @@
 control image and mask through the MediaLoader (SSRF-safe, size-checked, decoded with limits) into MEDIA,
 and the OPTIONS entries that index them (read back by ember.pipeline.lora_controlnets.parse_controlnets).
 
-`path` follows model_name's rules: a Hugging Face id, or a directory under EMBER_LORA_MODEL_ROOT.
-`config_url` is refused: fal uses it to pair single-file ControlNet weights (a URL in `path`) with their
-config.json, and single-file weights are not loaded by this server yet; an HF id or a model directory
-carries its own config.json, so there is nothing for config_url to add.
+`path` follows model_name's rules: a Hugging Face id, or a directory under EMBER_LORA_MODEL_ROOT, or
+single-file weights: an http(s) / data: URL (streamed to the checkpoint store, checked as safetensors with
+ControlNet tensor names, sent as its path) or a .safetensors file under the root. `config_url` pairs such
+a file with its config.json (fetched here, at most 64 KiB, sent in OPTIONS as "config"); without it the
+Triton side takes the built-in full-size config of the weights' family (SD1.5 / SDXL ControlNet) and says
+to send config_url when they do not fit. An HF id or a directory carries its own config.json, so
+config_url is refused beside one (and `variant`, a file inside a directory, beside a single file).
 """
 
 from __future__ import annotations
@@ -22,24 +25,37 @@ from ember.endpoints.common import InputError, check_url
 from ember.endpoints.lora.schema import LoraInput
 
 _NOT_YET = "is not supported yet by this server"
+_URL = ("http://", "https://", "data:")
 # diffusion_pytorch_model.<variant>.safetensors: a plain word, nothing path-like.
 _VARIANT = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
-def check_controlnets(
-    inp: LoraInput, root: Path, check_path: Callable[[str, tuple[Any, ...], Path], None]
-) -> None:
-    """Raise InputError at the first ControlNet field this server cannot serve as asked."""
+def single_file(path: str) -> bool:
+    """`path` names single-file ControlNet weights (a URL, or a .safetensors file under the root)."""
+    return path.startswith(_URL) or path.endswith(".safetensors")
+
+
+def check_controlnets(inp: LoraInput, root: Path, check_path: Callable[..., None]) -> None:
+    """Raise InputError at the first ControlNet field this server cannot serve as asked. `check_path`:
+    translate.check_model_name (value, loc, root, single_file)."""
     for i, c in enumerate(inp.controlnets):
         loc = ("body", "controlnets", i)
-        check_path(c.path, (*loc, "path"), root)
+        check_path(c.path, (*loc, "path"), root, single_file(c.path))
         if c.config_url is not None:
+            if not single_file(c.path):
+                raise InputError(
+                    (*loc, "config_url"),
+                    "config_url pairs single-file ControlNet weights (`path` a .safetensors URL or file) with "
+                    "their config.json; a Hugging Face id or a ControlNet directory carries its own "
+                    "config.json: leave config_url out",
+                    "not_supported",
+                )
+            check_url(c.config_url, (*loc, "config_url"))
+        if c.variant is not None and single_file(c.path):
             raise InputError(
-                (*loc, "config_url"),
-                "config_url pairs single-file ControlNet weights with their config, which this server does "
-                "not load yet; give `path` as a Hugging Face id or a directory under the model root "
-                "(it carries its own config.json) and leave config_url out",
-                "not_supported",
+                (*loc, "variant"),
+                "variant picks a weights file inside a ControlNet directory; a single-file path is that "
+                "file already: leave variant out",
             )
         if c.ip_adapter_index is not None:
             raise InputError(
@@ -66,11 +82,16 @@ async def load_controlnets(
     entries = []
     for i, c in enumerate(inp.controlnets):
         loc = ("body", "controlnets", i)
+        path = c.path
+        if path.startswith(_URL):  # streamed under <model root>/checkpoints/, checked; sent as its path
+            path = await media.checkpoint(path, (*loc, "path"), kind="controlnet")
+        config = None if c.config_url is None else await media.json(c.config_url, (*loc, "config_url"))
         image = await media.image(c.image_url, (*loc, "image_url"))
         arrays.append(image)
         entry = {
-            "path": c.path,
+            "path": path,
             "variant": c.variant,
+            "config": config,
             "image": len(arrays) - 1,
             "mask": None,
             "conditioning_scale": c.conditioning_scale,

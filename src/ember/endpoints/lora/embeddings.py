@@ -26,9 +26,15 @@ SDXL_KEYS = ("clip_l", "clip_g")
 
 @dataclass(frozen=True)
 class EmbeddingLayout:
-    key: str  # the tensor holding the vectors
+    key: str  # the tensor holding the vectors (SDXL: "clip_l", for the first text encoder)
     vectors: int  # n: rows of that tensor
     width: int  # D: the text encoder's hidden size the embedding was trained for
+    key_2: str | None = None  # SDXL: "clip_g", (n, D2) for the second text encoder; None: one encoder
+    width_2: int = 0
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.key_2 is not None
 
 
 def embedding_layout(tensors: Mapping[str, tuple[str, Sequence[int]]]) -> EmbeddingLayout:
@@ -37,13 +43,11 @@ def embedding_layout(tensors: Mapping[str, tuple[str, Sequence[int]]]) -> Embedd
     - kohya / A1111 safetensors: {"emb_params": (n, D)};
     - A1111 .pt layout flattened into safetensors: {"string_to_param.*": (n, D)};
     - diffusers: one tensor {"<token>": (D,) or (n, D)};
-    - SDXL ({"clip_l": (n, 768), "clip_g": (n, 1280)}): refused until SDXL base models are served."""
+    - SDXL: {"clip_l": (n, 768), "clip_g": (n, 1280)}, one row set per text encoder (diffusers' docs load
+      each with load_textual_inversion into its own encoder and tokenizer)."""
     names = set(tensors)
     if names & set(SDXL_KEYS):
-        raise ValueError(
-            "this is an SDXL embedding (clip_l/clip_g vectors for two text encoders); this server serves "
-            "SD1.5 base models only for now, which take single-encoder embeddings"
-        )
+        return _sdxl_layout(tensors)
     if "emb_params" in names:
         key = "emb_params"
     elif "string_to_param.*" in names:
@@ -56,7 +60,27 @@ def embedding_layout(tensors: Mapping[str, tuple[str, Sequence[int]]]) -> Embedd
             "not a textual-inversion embedding: expected one tensor (diffusers: {token: vectors}), "
             f"'emb_params' (kohya / A1111) or 'string_to_param.*', found {found}"
         )
-    dtype, shape = tensors[key]
+    vectors, width = _vectors(key, *tensors[key])
+    return EmbeddingLayout(key, vectors, width)
+
+
+def _sdxl_layout(tensors: Mapping[str, tuple[str, Sequence[int]]]) -> EmbeddingLayout:
+    if set(tensors) != set(SDXL_KEYS):
+        raise ValueError(
+            "an SDXL embedding holds exactly two tensors, 'clip_l' (vectors, 768) and 'clip_g' "
+            f"(vectors, 1280); found {', '.join(sorted(tensors)[:5])}"
+        )
+    (vectors, width), (vectors_2, width_2) = (_vectors(key, *tensors[key]) for key in SDXL_KEYS)
+    if vectors != vectors_2:
+        raise ValueError(
+            f"this SDXL embedding holds {vectors} 'clip_l' vector(s) but {vectors_2} 'clip_g' vector(s); "
+            "each token needs one of each"
+        )
+    return EmbeddingLayout(SDXL_KEYS[0], vectors, width, SDXL_KEYS[1], width_2)
+
+
+def _vectors(key: str, dtype: str, shape: Sequence[int]) -> tuple[int, int]:
+    """(n, D) of one embedding tensor; ValueError unless it holds 1 to MAX_VECTORS float vectors."""
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"embedding tensor {key!r} holds {dtype}, not floating-point vectors")
     if len(shape) == 1:
@@ -69,7 +93,38 @@ def embedding_layout(tensors: Mapping[str, tuple[str, Sequence[int]]]) -> Embedd
         raise ValueError(
             f"embedding tensor {key!r} holds {vectors} vector(s) of width {width}; expected 1 to {MAX_VECTORS}"
         )
-    return EmbeddingLayout(key, int(vectors), int(width))
+    return int(vectors), int(width)
+
+
+def family_mismatch(layout: EmbeddingLayout, xl_base: bool) -> str | None:
+    """Why an embedding cannot go on this base model (SD1.5 files on SDXL and back), or None."""
+    if layout.is_sdxl and not xl_base:
+        return (
+            "an SDXL embedding (clip_l/clip_g vectors for two text encoders) on an SD1.5 base model; "
+            "use an SD1.5 embedding (one tensor), or an SDXL base model"
+        )
+    if xl_base and not layout.is_sdxl:
+        return (
+            f"an SD1.5 embedding (one tensor of width {layout.width}) on an SDXL base model, "
+            "which takes SDXL embeddings: {'clip_l': (vectors, 768), 'clip_g': (vectors, 1280)}"
+        )
+    return None
+
+
+def local_base_is_sdxl(model_name: str) -> bool | None:
+    """For a local diffusers directory (already checked against the model root): whether it is SDXL (its
+    model_index.json names a second text encoder); None when the gateway cannot tell (HF ids, single
+    files: the Triton side checks those)."""
+    import json
+    from pathlib import Path
+
+    if model_name.startswith(("http://", "https://", "data:")) or not model_name.startswith(("/", "~", ".")):
+        return None
+    try:
+        index = Path(model_name).expanduser().resolve() / "model_index.json"
+        return "text_encoder_2" in json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def check_tokens(tokens: Sequence[str]) -> None:
@@ -124,15 +179,20 @@ def check_embeddings(inp: LoraInput) -> None:
 
 
 async def load_embeddings(inp: LoraInput, media: MediaLoader) -> list[bytes]:
-    """Each embedding file, fetched and checked as safetensors, then as an embedding (422 at its path)."""
+    """Each embedding file, fetched and checked as safetensors, then as an embedding for the base model's
+    family where the gateway knows it (a local directory): 422 at its path."""
     files = []
+    xl_base = local_base_is_sdxl(inp.model_name) if inp.embeddings else None
     for i, embedding in enumerate(inp.embeddings):
         loc = ("body", "embeddings", i, "path")
         weights = await media.weights(embedding.path, loc)
         try:
-            embedding_layout({name: (t.dtype, t.shape) for name, t in weights.tensors.items()})
+            layout = embedding_layout({name: (t.dtype, t.shape) for name, t in weights.tensors.items()})
         except ValueError as exc:
             raise InputError(loc, str(exc), "invalid_embedding") from None
+        mismatch = family_mismatch(layout, xl_base) if xl_base is not None else None
+        if mismatch:
+            raise InputError(loc, mismatch, "invalid_embedding")
         files.append(weights.data)
     return files
 

@@ -24,11 +24,17 @@ from ember.endpoints.base import MediaLoader
 from ember.endpoints.common import InputError, check_url
 from ember.endpoints.lora.schema import LoraInput
 
+# SDXL bases refuse IC-Light for good (its offsets fit the SD1.5 UNet only; there is no SDXL IC-Light)
+SD15_ONLY = (
+    "ic_light_model_url: IC-Light models are offsets for the SD1.5 UNet (lllyasviel/IC-Light has no SDXL "
+    "model), so they cannot run on an SDXL base model; use an SD1.5 model_name"
+)
 _FIELDS = ("ic_light_model_url", "ic_light_image_url", "ic_light_model_background_image_url")
 
 
 def check_ic_light(inp: LoraInput) -> None:
-    """422 for an incomplete combination, a bad URL, or IC-Light with what it cannot be combined with yet."""
+    """422 for an incomplete combination or a bad URL. `loras`, `controlnets` and `ip_adapter` combine with
+    IC-Light (on SD1.5 bases; SDXL bases refuse IC-Light: translate.check_sdxl_fields)."""
     given = [name for name in _FIELDS if getattr(inp, name)]
     if not given:
         return
@@ -41,13 +47,6 @@ def check_ic_light(inp: LoraInput) -> None:
                 f"{name} is required with {', '.join(given)}: IC-Light relights the image at ic_light_image_url "
                 "with the IC-Light model at ic_light_model_url (plus a background image for 'fbc' models)",
                 "missing",
-            )
-    for name, on in (("loras", inp.loras), ("controlnets", inp.controlnets), ("ip_adapter", inp.ip_adapter)):
-        if on:
-            raise InputError(
-                ("body", name),
-                f"{name} together with IC-Light is not supported yet by this server; send them separately",
-                "not_supported",
             )
 
 

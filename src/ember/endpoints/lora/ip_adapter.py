@@ -10,8 +10,9 @@ ember.pipeline.ip_adapter.parse_ip_adapter_options).
   without it, the adapter repo's `<model_subfolder>/image_encoder` (diffusers' load_ip_adapter default).
   image_encoder_weight_name: fal's default "pytorch_model.bin" (a pickle) is read from its model.safetensors
   twin; any other name must be a .safetensors file.
-- Refused by name: insight_face_model_path (FaceID needs InsightFace, not available here) and a non-zero
-  unconditional_noising_factor (fal does not say what noise it adds, so it cannot be reproduced).
+- unconditional_noising_factor: passed on; the Triton side encodes noise scaled by it as the unconditional
+  image, as fal's text-to-image app does (ember.pipeline.ip_adapter says where that is defined).
+- Refused by name: insight_face_model_path (FaceID needs InsightFace, not available here).
   image_projection_shortcut only concerns FaceID Plus projections, so it changes nothing for the CLIP-image
   adapters served here.
 """
@@ -65,13 +66,6 @@ def check_ip_adapter(
                 "FaceID IP-Adapters (insight_face_model_path) are not supported: they need InsightFace face "
                 "embeddings, and InsightFace (its detector and model files) is not available on this server; "
                 "use a CLIP-image IP-Adapter and leave insight_face_model_path out",
-                "not_supported",
-            )
-        if a.unconditional_noising_factor:
-            raise InputError(
-                (*loc, "unconditional_noising_factor"),
-                "unconditional_noising_factor is not supported: fal does not document the noise it adds to "
-                "the unconditional image embeddings, so it cannot be reproduced; leave it at 0",
                 "not_supported",
             )
         images = (
@@ -162,6 +156,7 @@ async def load_ip_adapter(
                 "mask": mask_index,
                 "scale": a.scale,
                 "scale_json": a.scale_json,
+                "unconditional_noising_factor": a.unconditional_noising_factor,
             }
         )
     encoder = {

@@ -27,7 +27,7 @@ from ember.endpoints.common import InputError, check_url, media_tensor, resolve_
 from ember.endpoints.lora.controlnets import check_controlnets, load_controlnets
 from ember.endpoints.lora.debug_latents import check_debug_latents, debug_options, store_debug_latents
 from ember.endpoints.lora.embeddings import check_embeddings, embedding_options, load_embeddings
-from ember.endpoints.lora.ic_light import check_ic_light, ic_light_option, load_ic_light
+from ember.endpoints.lora.ic_light import SD15_ONLY, check_ic_light, ic_light_option, load_ic_light
 from ember.endpoints.lora.ip_adapter import check_ip_adapter, load_ip_adapter
 from ember.endpoints.lora.schema import LoraInput, LoraOutput
 
@@ -81,20 +81,8 @@ def check_sdxl_fields(inp: LoraInput, root: Path) -> None:
         return  # not a pipeline directory: the Triton side says what is wrong with it
     if "text_encoder_2" not in index:
         return
-    for field, used in (
-        ("unet_name", inp.unet_name is not None),
-        ("controlnets", bool(inp.controlnets)),
-        ("ip_adapter", bool(inp.ip_adapter)),
-        ("ic_light_model_url", inp.ic_light_model_url is not None),
-        ("embeddings", bool(inp.embeddings)),
-        ("prompt_weighting", inp.prompt_weighting),
-    ):
-        if used:
-            raise InputError(
-                ("body", field),
-                f"{field} {_NOT_YET} with SDXL base models ({value} is SDXL; served for SD1.5 bases)",
-                "not_supported",
-            )
+    if inp.ic_light_model_url is not None:  # not a gap: IC-Light files are offsets for the SD1.5 UNet
+        raise InputError(("body", "ic_light_model_url"), f"{SD15_ONLY} ({value} is SDXL)", "not_supported")
 
 
 class LoraEndpoint(Endpoint[LoraInput]):
@@ -150,7 +138,7 @@ class LoraEndpoint(Endpoint[LoraInput]):
         loaded: dict[str, Any] = {}
         if inp.model_name.startswith(("http://", "https://", "data:")):  # streamed to disk, sent as its path
             loaded["model_name"] = await media.checkpoint(inp.model_name, ("body", "model_name"))
-        if (inp.unet_name or "").startswith(("http://", "https://", "data:")):  # a UNet-only single file
+        if inp.unet_name is not None and inp.unet_name.startswith(("http://", "https://", "data:")):  # UNet file
             loaded["unet_name"] = await media.checkpoint(inp.unet_name, ("body", "unet_name"), kind="unet")
         return {
             **loaded,
