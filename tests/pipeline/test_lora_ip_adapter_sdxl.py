@@ -255,3 +255,49 @@ def test_sd15_adapter_and_wrong_encoder_are_refused_by_name(pipeline, dirs, tmp_
     assert first.startswith("ip_adapter") and "SD1.5" in first and "SDXL" in first, first
     assert second.startswith("ip_adapter") and "image_encoder" in second, second
     assert good == ""
+
+
+def test_ip_adapter_with_controlnet_matches_diffusers(tmp_path_factory: pytest.TempPathFactory):
+    """IP-Adapter + an SDXL ControlNet in one request: the IP UNet then takes text_embeds / time_ids, the
+    ControlNet's 10 SDXL residuals and the image embeds (vs StableDiffusionXLControlNetPipeline with
+    load_ip_adapter), on the tiny SDXL with SDXL's real block layout (ControlNets need it)."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    from ember.pipeline.lora_controlnets import ControlNetInput, ControlNetRef
+    from ember.specs.demo_controlnet_xl import build_tiny_sdxl_controllable, build_tiny_xl_controlnet
+
+    root = tmp_path_factory.mktemp("ip-cn-xl")
+    base, cn = build_tiny_sdxl_controllable(root / "base"), build_tiny_xl_controlnet(root / "cn", seed=1)
+    dirs = (base, build_tiny_ip_adapter_sdxl(root / "ip", base))
+    pipeline = LoraText2ImagePipeline(
+        tiny_settings(root / "var", EMBER_RUNTIME="torch", EMBER_LORA_MODEL_ROOT=str(root))
+    )
+    control = np.random.default_rng(8).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    images = _images(9, 1)
+    request = _request(dirs, _ip(dirs, images, scale=0.7))
+    unit = ControlNetInput(ControlNetRef(str(cn)), control, conditioning_scale=0.8)
+    (ours,) = _ours(pipeline, dataclasses.replace(request, controlnets=(unit,)))
+    (ip_only,) = _ours(pipeline, request)
+
+    encoder = CLIPVisionModelWithProjection.from_pretrained(dirs[1] / ENCODERS[XL_WEIGHT_NAME])
+    size = encoder.config.image_size
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+        base,
+        controlnet=ControlNetModel.from_pretrained(cn, dtype=torch.float32),
+        image_encoder=encoder,
+        feature_extractor=CLIPImageProcessor(size=size, crop_size=size),
+        add_watermarker=False,
+        dtype=torch.float32,
+    )
+    pipe.load_ip_adapter(
+        str(dirs[1]), subfolder=XL_SUBFOLDER, weight_name=XL_WEIGHT_NAME, image_encoder_folder=None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    theirs = _theirs(
+        pipe, images, scale=0.7, image=Image.fromarray(control), controlnet_conditioning_scale=0.8
+    )
+    _close(ours, theirs, "with an SDXL ControlNet")
+    assert np.abs(ours - ip_only).mean() > 1, (
+        "the ControlNet hardly changed the image: the test proves nothing"
+    )

@@ -57,7 +57,8 @@ from ember.pipeline.guided_denoise import GuidedSlot
 from ember.runtime import Runner, torch_dtype
 from ember.settings import Settings
 from ember.specs.base import TensorSpec
-from ember.specs.controlnet import CONTROLLED_UNET, RESIDUAL_NAMES
+from ember.specs.controlnet import CONTROLLED_UNET
+from ember.specs.controlnet_xl import XL_CONTROLLED_UNET
 from ember.specs.image_encoder import DEFAULT_WEIGHT_NAME, bind_image_encoder
 from ember.specs.lora import UNET
 from ember.specs.sdxl import UNET as XL_UNET
@@ -296,17 +297,18 @@ def parse_ip_adapter_options(
 
 class IPAdapterUNet(nn.Module):
     """Inputs in spec order: sample (B, C, h, w), timestep (B,), encoder_hidden_states (B, 77, D), then the
-    `added` conditions (SDXL: text_embeds (B, P), time_ids (B, 6)), then the ControlNet residuals of
-    ember.specs.controlnet.CONTROLLED_UNET when `controlled`, then per adapter its image embeds (B, n, P)
-    or (B, n, T, Dv), then per masked adapter its masks (B, n, H, W) in {0, 1}."""
+    `added` conditions (SDXL: text_embeds (B, P), time_ids (B, 6)), then `residuals` ControlNet residuals
+    (ember.specs.controlnet.CONTROLLED_UNET's 13 on SD1.5, controlnet_xl.XL_CONTROLLED_UNET's 10 on SDXL;
+    0 without ControlNets), then per adapter its image embeds (B, n, P) or (B, n, T, Dv), then per masked
+    adapter its masks (B, n, H, W) in {0, 1}."""
 
     def __init__(
-        self, unet: nn.Module, masked: tuple[bool, ...], controlled: bool, added: tuple[str, ...] = ()
+        self, unet: nn.Module, masked: tuple[bool, ...], residuals: int, added: tuple[str, ...] = ()
     ):
         super().__init__()
         self.unet = unet
         self.masked = masked
-        self.controlled = controlled
+        self.residuals = residuals
         self.added = added
         self.config = dict(unet.config)
 
@@ -320,8 +322,8 @@ class IPAdapterUNet(nn.Module):
         kwargs: dict[str, Any] = {}
         conditions = dict(zip(self.added, rest[: len(self.added)], strict=True))
         rest = rest[len(self.added) :]
-        if self.controlled:
-            residuals, rest = rest[: len(RESIDUAL_NAMES)], rest[len(RESIDUAL_NAMES) :]
+        if self.residuals:
+            residuals, rest = rest[: self.residuals], rest[self.residuals :]
             kwargs["down_block_additional_residuals"] = residuals[:-1]
             kwargs["mid_block_additional_residual"] = residuals[-1]
         n = len(self.masked)
@@ -419,8 +421,6 @@ class IPAdapterStage:
             )
         original = wrapper.unet  # the diffusers UNet2DConditionModel inside the spec wrapper
         xl = original.config.get("addition_embed_type") == "text_time"
-        if xl and controlled:
-            raise ValueError("together with controlnets it is not supported yet on SDXL base models")
         _check_widths(request, original.config, "SDXL" if xl else "SD1.5")
         copies = self._unets.setdefault(base, OrderedDict())
         digests = tuple(u.weights.digest for u in request.units)
@@ -449,10 +449,17 @@ class IPAdapterStage:
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise ValueError(f"scale_json is not a valid per-block scale: {exc}") from exc
         masked = tuple(u.mask is not None for u in request.units)
-        # SDXL: the "text_time" conditions the base spec takes after encoder_hidden_states
-        spec = XL_UNET if xl else CONTROLLED_UNET if controlled else UNET
-        added = tuple(t.name for t in spec.inputs[3:]) if xl else ()
-        module = IPAdapterUNet(unet, masked, controlled, added)
+        # The base spec's inputs in order: sample, timestep, encoder_hidden_states, on SDXL its "text_time"
+        # conditions, then the ControlNet residuals when `controlled`
+        spec = {
+            (False, False): UNET,
+            (False, True): CONTROLLED_UNET,
+            (True, False): XL_UNET,
+            (True, True): XL_CONTROLLED_UNET,
+        }[xl, controlled]
+        added = ("text_embeds", "time_ids") if xl else ()
+        residuals = len(spec.inputs) - 3 - len(added)
+        module = IPAdapterUNet(unet, masked, residuals, added)
         dtype = next(unet.parameters()).dtype
         return TorchRunner(
             _unet_spec(request, spec), "", None, str(base.device), dtype, module=module, warmup=()

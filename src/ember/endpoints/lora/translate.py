@@ -70,8 +70,9 @@ def check_model_name(value: str, loc: tuple[str, ...], root: Path, single_file: 
 
 def check_sdxl_fields(inp: LoraInput, root: Path) -> None:
     """A local SDXL base model (its model_index.json names a second text encoder) runs as
-    StableDiffusionXLPipeline (ember.pipeline.lora_xl), which does not serve these fields yet: refused
-    here by name; the Triton side refuses them again (and for HF ids resolved there)."""
+    StableDiffusionXLPipeline (ember.pipeline.lora_xl), which serves every field but IC-Light (its offset
+    files are for the SD1.5 UNet): refused here by name; the Triton side refuses it again (and for HF ids
+    resolved there)."""
     value = inp.model_name
     if value.startswith(("http://", "https://", "data:")) or not value.startswith(("/", "~", ".")):
         return  # single files are told apart by the Triton side; HF ids are resolved there
