@@ -267,3 +267,60 @@ def test_parse_refuses_paths_outside_the_root(models) -> None:
             parse_controlnets({"controlnets": [{**entry, "path": path}]}, arrays, models["root"])
     with pytest.raises(ValueError, match=r"controlnets\[0\]\.mask"):
         parse_controlnets({"controlnets": [{**entry, "mask": 5}]}, arrays, models["root"])
+
+
+def test_global_pool_conditions_forces_guess_mode_as_diffusers(pipeline, models, tmp_path: Path) -> None:
+    """A first ControlNet whose config sets global_pool_conditions (shuffle-like ControlNets: residuals
+    pooled to 1 x 1) puts the request in guess mode even with controlnet_guess_mode false, as diffusers'
+    pipeline does; vs StableDiffusionControlNetPipeline with that ControlNet and guess_mode=False."""
+    import json
+    import shutil
+
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    pooled = shutil.copytree(models["a"], tmp_path / "cn-pooled")
+    config = json.loads((pooled / "config.json").read_text())
+    (pooled / "config.json").write_text(json.dumps({**config, "global_pool_conditions": True}))
+    c = ControlNetInput(ControlNetRef(str(pooled)), rings(), conditioning_scale=0.9)
+    got, guessed = run(pipeline, ours(models, c), ours(models, c, guess=True))
+    assert np.array_equal(got, guessed), "global_pool_conditions did not force guess mode"
+
+    # next to a spatial ControlNet: pooled (1 x 1) and full residuals summed by broadcasting. diffusers'
+    # MultiControlNetModel sums in place, which broadcasts only with the pooled one second (and then guess
+    # mode comes from the request): compared in that order, guess mode on.
+    b = unit(models, "b", stripes(), conditioning_scale=1.1)
+    (both,) = run(pipeline, ours(models, b, c, guess=True))
+    nets = {
+        "alone": [ControlNetModel.from_pretrained(pooled, dtype=torch.float32)],
+        "with a spatial one": [
+            ControlNetModel.from_pretrained(models["b"], variant="fp16", dtype=torch.float32),
+            ControlNetModel.from_pretrained(pooled, dtype=torch.float32),
+        ],
+    }
+    cases = (
+        ("alone", got, [rings()], [0.9], False),
+        ("with a spatial one", both, [stripes(), rings()], [1.1, 0.9], True),
+    )
+    for what, mine, images, scales, guess in cases:
+        pipe = StableDiffusionControlNetPipeline.from_pretrained(
+            models["base"],
+            controlnet=nets[what] if len(nets[what]) > 1 else nets[what][0],
+            safety_checker=None,
+            requires_safety_checker=False,
+            dtype=torch.float32,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        image = pipe(
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
+            image=[Image.fromarray(i) for i in images] if len(images) > 1 else Image.fromarray(images[0]),
+            width=WIDTH,
+            height=HEIGHT,
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            controlnet_conditioning_scale=scales if len(scales) > 1 else scales[0],
+            guess_mode=guess,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+            output_type="np",
+        ).images[0]
+        assert _diff(mine, np.round(image * 255).astype(np.int16), f"global_pool_conditions, {what}") <= 1

@@ -67,6 +67,9 @@ class ControlNetUnit:
     # unconditional rows get zeros), and its residuals are weighted 0.1 .. 1 from shallow to deep.
     guess_mode: bool = False
     mask: torch.Tensor | None = None  # (1, 1, H, W) in [0, 1] (control_mask): confines the residuals
+    # The ControlNet's config sets global_pool_conditions (shuffle-like ControlNets): its residuals come
+    # pooled to 1 x 1 (added to every position) and guess mode does not weight them, as in diffusers.
+    pooled: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,8 +124,8 @@ def controlnet_residuals(
     None when no row has a unit. A unit outside its start/end runs with scale 0, as diffusers runs it.
     `extra`: more ControlNet inputs with rows as `embeddings` (SDXL's text_embeds (B, P), time_ids (B, 6)):
     each ControlNet gets the rows it conditions, as the UNet gets them."""
-    # One call per (runner, guess mode); each part is one unit's rows.
-    calls: dict[tuple[int, bool], tuple[Runner, list[_Part]]] = {}
+    # One call per (runner, guess mode, pooled); each part is one unit's rows.
+    calls: dict[tuple[int, bool, bool], tuple[Runner, list[_Part]]] = {}
     for r in rows:
         for unit in r.units:
             scale = unit.scale if control_active(step, total, unit.start, unit.end) else 0.0
@@ -130,13 +133,13 @@ def controlnet_residuals(
             index = torch.arange(first, r.offset + r.size)  # the rows this unit conditions
             image = unit.image.to(sample.device).expand(len(index), -1, -1, -1)
             # Units sharing a runner and a guess mode run as one call; each keeps its own rows.
-            calls.setdefault((id(unit.runner), unit.guess_mode), (unit.runner, []))[1].append(
+            calls.setdefault((id(unit.runner), unit.guess_mode, unit.pooled), (unit.runner, []))[1].append(
                 (index, image, torch.full((len(index),), scale), unit.mask)
             )
     if not calls:
         return None
     total_residuals: dict[str, torch.Tensor] = {}
-    for (_, guess_mode), (runner, parts) in calls.items():
+    for (_, guess_mode, pooled), (runner, parts) in calls.items():
         index = torch.cat([p[0] for p in parts])
         out = runner.run(
             {
@@ -149,16 +152,20 @@ def controlnet_residuals(
             }
         )
         # Guess mode weights residual j of n by 10^(-1 + j / (n - 1)), shallow to deep (diffusers'
-        # torch.logspace over the down residuals and the mid one: n = 13 for SD1.5, 10 for SDXL).
-        weights = torch.logspace(-1, 0, len(out)) if guess_mode else None
+        # torch.logspace over the down residuals and the mid one: n = 13 for SD1.5, 10 for SDXL); not the
+        # pooled residuals of a global_pool_conditions ControlNet (diffusers' ControlNetModel skips them).
+        weights = torch.logspace(-1, 0, len(out)) if guess_mode and not pooled else None
         for j, name in enumerate(out):
             value = out[name] if weights is None else out[name] * weights[j]
             if any(p[3] is not None for p in parts):  # masks apply to their own unit's rows only
                 pieces = value.split([len(p[0]) for p in parts])
                 value = torch.cat([v if p[3] is None else masked(v, p[3]) for v, p in zip(pieces, parts)])
-            if name not in total_residuals:
-                total_residuals[name] = torch.zeros(
-                    (sample.shape[0], *value.shape[1:]), dtype=value.dtype, device=value.device
-                )
-            total_residuals[name].index_add_(0, index.to(value.device), value)
+            total = total_residuals.get(name)
+            if total is None:
+                total = torch.zeros((sample.shape[0], *value.shape[1:]), dtype=value.dtype, device=value.device)
+            elif total.shape[1:] != value.shape[1:]:  # pooled (1 x 1) and spatial units: broadcast, as the
+                full = torch.broadcast_shapes(total.shape[1:], value.shape[1:])  # UNet's add would
+                total = total.expand(total.shape[0], *full).clone()
+                value = value.expand(value.shape[0], *full)
+            total_residuals[name] = total.index_add_(0, index.to(value.device), value)
     return total_residuals

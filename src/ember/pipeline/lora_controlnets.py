@@ -384,9 +384,13 @@ class ControlNets:
                 errors[slot.index] = f"controlnets: the base model cannot take ControlNets: {exc}"
                 continue
             units = []
+            guess_mode = r.controlnet_guess_mode
             for i, c in enumerate(r.controlnets):
                 try:  # the family and shape check reads config.json only; then the network loads
                     config, config_dir, builtin = self.config_of(c.ref)
+                    # diffusers: a first ControlNet with global_pool_conditions (shuffle-like ones, whose
+                    # residuals are pooled) puts the whole request in guess mode
+                    guess_mode = guess_mode or (i == 0 and bool(config.get("global_pool_conditions")))
                     misfit = _misfit(config, unet_config)
                     if misfit is not None and builtin and config_dir is not None:
                         misfit += (
@@ -408,7 +412,8 @@ class ControlNets:
                         c.conditioning_scale,
                         c.start,
                         c.end,
-                        guess_mode=r.controlnet_guess_mode,
+                        guess_mode=guess_mode,
+                        pooled=bool(config.get("global_pool_conditions")),
                         mask=None if c.mask is None else control_mask(c.mask, width, height).to(device),
                     )
                 )
