@@ -306,7 +306,8 @@ def test_onnxruntime_sdxl_base_with_lora_embedding_and_weighting(pipeline, xl_di
     """models.toml [lora.sdv1-5] runtime = "onnxruntime": the extended encoders are exports of their own
     (added to the base model's artifacts on first use) with weights of their own, so LoRA refits of both
     text encoders are forwarded to them, also those made before they were built. Within 1 level of torch.
-    The exported UNet takes 77 tokens: a weighted prompt of two windows is refused by name."""
+    The exported UNet's text axis is dynamic: a 2-window weighted prompt with a LoRA (refit) runs as on
+    torch; over 8 windows is refused by name."""
     import dataclasses
     import hashlib
 
@@ -327,11 +328,23 @@ def test_onnxruntime_sdxl_base_with_lora_embedding_and_weighting(pipeline, xl_di
     embedding = load_embedding(path.read_bytes(), ["<e>"])
     ort([_request(xl_dir, loras=lora)])  # refits the plain encoders before the extended ones exist
     assert type(ort.model(ModelRef(str(xl_dir))).text_encoder_2).__name__ == "OnnxRuntimeRunner"
-    (long,) = ort([_request(xl_dir, prompt=LONG, prompt_weighting=True)])
-    assert long.images is None and "prompt_weighting: a prompt of 2 windows" in long.error
-    for kw in (
+    (too_long,) = ort([_request(xl_dir, prompt=", ".join([LONG] * 5), prompt_weighting=True)])
+    assert too_long.images is None and "prompt_weighting: a prompt of" in too_long.error
+    assert "at most 600 (8 windows of 75)" in too_long.error
+    for kw in (  # LONG: 2 windows
+        {"loras": lora, "prompt": LONG, "negative_prompt": "(blurry)1.3", "prompt_weighting": True},
         {"loras": lora, "embeddings": (embedding,), "prompt": "a (<e>)1.2 fox-", "prompt_weighting": True},
         {"embeddings": (embedding,), "prompt": "a <e> fox", "negative_prompt": "<e>"},  # back to the base
     ):
         ours, reference = _ours(ort, xl_dir, **kw), _ours(pipeline, xl_dir, **kw)
         _close(ours, reference, f"onnxruntime vs torch {sorted(kw)}")
+    # LoRA refit by name still covers the UNet: every attention projection (to_k / to_v read the text) mapped.
+    from diffusers import UNet2DConditionModel
+
+    from ember.runtime.refit_map import read_refit_map
+
+    (unet_onnx,) = (tmp_path / "var").rglob("lora-sdxl/*/unet.onnx")
+    mapped = read_refit_map(unet_onnx)
+    state = UNet2DConditionModel.from_pretrained(xl_dir, subfolder="unet").state_dict()
+    projections = [k for k in state if any(f".{p}.weight" in k for p in ("to_q", "to_k", "to_v", "to_out.0"))]
+    assert mapped is not None and projections and not set(projections) - set(mapped)

@@ -96,14 +96,15 @@ def check_windows(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) ->
             )
 
 
-def check_exported_length(length: int, any_length: bool) -> None:
-    """ValueError for weighted conditioning of more than one 77-token window where the UNet is an export
-    (onnxruntime), whose sequence axis is static (77); `any_length`: the torch runtime, which takes any."""
-    if length > 77 and not any_length:
+def check_length(length: int) -> None:
+    """ValueError for weighted conditioning of more than MAX_WINDOWS 77-token windows (`length` tokens), which
+    check_windows lets through when multi-vector embeddings expand a prompt after it counted the tokens.
+    Every runtime takes up to MAX_WINDOWS: torch any length, the ONNX exports' dynamic text_sequence axis
+    (ember.specs.lora.UNET, ember.specs.lora_xl.UNET) any multiple of 77."""
+    if length > 77 * MAX_WINDOWS:
         raise ValueError(
-            f"prompt_weighting: a prompt of {length // 77} windows of 75 tokens; on the onnxruntime runtime "
-            "the exported UNet takes one window (75 tokens): shorten the prompt, or serve with models.toml "
-            '[lora.sdv1-5] runtime = "torch"'
+            f"prompt_weighting: a prompt of {length // 77} windows of 75 tokens once its embeddings are "
+            f"expanded; at most {MAX_WINDOWS} are served: shorten the prompt"
         )
 
 

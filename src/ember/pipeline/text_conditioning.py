@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ember.pipeline.encode import tokenize
 from ember.pipeline.guided_denoise import GuidedSlot
-from ember.pipeline.prompt_weighting import check_exported_length, weighted_embeddings
+from ember.pipeline.prompt_weighting import check_length, weighted_embeddings
 from ember.pipeline.textual_inversion import Embedding, Vocabularies, Vocabulary
 from ember.runtime import Runner
 from ember.settings import Settings
@@ -122,7 +122,7 @@ class TextConditioner:
             weighted = weighted_embeddings(
                 self.extended, vocabulary, prompts, clip_skip, self.vocab_size, self.width
             )
-            check_exported_length(weighted.shape[1], any_length=self._shares_weights)  # torch: any length
+            check_length(weighted.shape[1])  # (P, 77 * windows, D): every runtime takes up to 8 windows
             return weighted
         ids = truncated_ids(vocabulary, prompts)  # 2.
         assert vocabulary.extra is not None  # there are embeddings

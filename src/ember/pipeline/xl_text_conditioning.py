@@ -42,7 +42,7 @@ from transformers import PreTrainedTokenizerBase
 from ember.pipeline.prompt_weighting import (
     CompelTextEncoder,
     _Expansions,
-    check_exported_length,
+    check_length,
     check_windows,
 )
 from ember.pipeline.sdxl import XLPromptEmbeds, XLTextEncoders
@@ -123,13 +123,9 @@ class XLTextConditioner:
     ):
         """`encoders(clip_skip)`: the plain path's encoders; `runners`: the plain text encoder runners;
         `ref`: the prepared base model (ref.source a diffusers directory: each encoder's config.json)."""
-        from ember.runtime.torch_runner import TorchRunner
-
         root = Path(ref.source)
         self.encoders = encoders
         self.force_zeros = force_zeros
-        # torch's UNet takes conditioning of any length; an export takes 77 tokens (its static "sequence")
-        self.any_length = isinstance(runners[0], TorchRunner)
         self.text = tuple(
             TextConditioner(
                 runner,
@@ -169,7 +165,7 @@ class XLTextConditioner:
             check_windows(vocabularies[0].tokenizer, texts)
             encoded = [self._weighted(vocabularies, text, skip) for text, skip in zip(texts, (clip_skip, 0))]
             length = max(e.embeddings.shape[1] for e, _ in encoded)
-            check_exported_length(length, self.any_length)
+            check_length(length)  # torch and the ONNX export (dynamic text_sequence) take 77 * 1..8
             positive, *negative = [_pad(e, empty, length) for e, empty in encoded]
         else:  # 2.
             positive = self._with_embeddings(vocabularies, [prompt], clip_skip)

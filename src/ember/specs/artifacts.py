@@ -146,7 +146,7 @@ FAMILIES: dict[tuple[str, str], ModelFamily] = {
     # with its variant / custom UNet bound). The scheduler config is read from each model's own source.
     ("lora", "sdv1-5"): ModelFamily(
         networks="ember.specs.lora:SD15_LORA_NETWORKS",
-        spec_versions={"text_encoder": 1, "unet": 1, "vae_decoder": 1},
+        spec_versions={"text_encoder": 1, "unet": 2, "vae_decoder": 1},  # unet 2: long weighted prompts
         scheduler_class=None,
         build_demo="ember.specs.demo_lora:build_tiny_sd15",
         demo_version=1,
@@ -155,7 +155,7 @@ FAMILIES: dict[tuple[str, str], ModelFamily] = {
     # clip-skip encoders, the plain SDXL UNet, the VAE decoder; bound per request like ("lora", "sdv1-5").
     ("lora", "sdxl"): ModelFamily(
         networks="ember.specs.lora_xl:NETWORKS",
-        spec_versions={"text_encoder": 1, "text_encoder_2": 1, "unet": 1, "vae_decoder": 1},
+        spec_versions={"text_encoder": 1, "text_encoder_2": 1, "unet": 2, "vae_decoder": 1},  # unet 2: ditto
         scheduler_class=None,
         build_demo="ember.specs.demo_sdxl:build_tiny_sdxl",
         demo_version=1,

@@ -21,7 +21,10 @@ DYNAMIC_AXES = frozenset(
      "embed_height", "embed_width",
      # The UNet's coarser grids (latent / 2, / 4, / 8, rounded up), where ControlNet residuals live.
      "latent_height_2", "latent_width_2", "latent_height_4", "latent_width_4",
-     "latent_height_8", "latent_width_8"}
+     "latent_height_8", "latent_width_8",
+     # Text tokens of a conditioning made of several 77-token windows (fal-ai/lora's long weighted prompts:
+     # 77 x 1..8); the fixed 77 of the other specs is "sequence".
+     "text_sequence"}
 )
 
 # fal's `image_size` presets (width, height); custom sizes are multiples of 8 (fal-schemas.md §1.1).
@@ -88,6 +91,10 @@ class NetworkSpec:
     # the network (e.g. a DiT needs even latent sides); None uses onnx_export.TRACE_SHAPE / VERIFY_SHAPE.
     trace_shape: tuple[int, int, int] | None = None
     verify_shape: tuple[int, int, int] | None = None
+    # Sizes of other dynamic axes (e.g. "text_sequence") to trace / verify the export at, over static_dims'
+    # value; tracing and verifying at different sizes makes a length baked into the graph fail verification.
+    trace_dims: Mapping[str, int] | None = None
+    verify_dims: Mapping[str, int] | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -101,9 +108,16 @@ class NetworkSpec:
         return {**self.static_dims(config), **self.image_dims(batch, height, width)}
 
     def sample_inputs(
-        self, config: Mapping[str, Any], batch: int, height: int, width: int, seed: int = 0
+        self,
+        config: Mapping[str, Any],
+        batch: int,
+        height: int,
+        width: int,
+        seed: int = 0,
+        overrides: Mapping[str, int] | None = None,
     ) -> dict[str, torch.Tensor]:
-        dims = self.dims(config, batch, height, width)
+        """`overrides`: sizes of axes other than batch and image (trace_dims / verify_dims)."""
+        dims = {**self.dims(config, batch, height, width), **(overrides or {})}
         generator = torch.Generator().manual_seed(seed)
         return {t.name: self.sample(t, t.shape(dims), generator) for t in self.inputs}
 

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import CLIPTextModel
 
 from ember.specs.base import NetworkSpec, TensorSpec
-from ember.specs.sd15 import VAE_DECODER, _image_dims, _load_vae_decoder, _sample, _text_dims
+from ember.specs.sd15 import TEXT_LENGTH, VAE_DECODER, _image_dims, _load_vae_decoder, _sample, _text_dims
 
 # clip_skip in 0..2 (fal's range): the text encoder returns one embedding per value.
 CLIP_SKIPS = 3
@@ -43,7 +43,8 @@ class ClipSkipTextEncoder(nn.Module):
 
 
 class SdUNet(nn.Module):
-    """One denoiser call: sample (B, 4, h, w), timestep (B,) float, encoder_hidden_states (B, 77, D)."""
+    """One denoiser call: sample (B, 4, h, w), timestep (B,) float, encoder_hidden_states (B, 77 * w, D): one
+    77-token window, or w of them for a long weighted prompt (ember.pipeline.prompt_weighting)."""
 
     def __init__(self, unet: UNet2DConditionModel):
         super().__init__()
@@ -91,7 +92,20 @@ def _text_skip_dims(config: Mapping[str, Any]) -> dict[str, int]:
 
 
 def _unet_dims(config: Mapping[str, Any]) -> dict[str, int]:
-    return {"latent_channels": config["in_channels"], "sequence": 77, "hidden": config["cross_attention_dim"]}
+    # text_sequence is dynamic (see UNET_TRACE_DIMS); 77, one window, is its size in samples and warm-ups.
+    return {
+        "latent_channels": config["in_channels"],
+        "sequence": TEXT_LENGTH,
+        "text_sequence": TEXT_LENGTH,
+        "hidden": config["cross_attention_dim"],
+    }
+
+
+# The UNet's text axis ("text_sequence", dynamic) is traced at 2 windows and verified at 1, so a window
+# count baked into the graph fails the export. compel's windows are 77 tokens, so any multiple runs; at most
+# ember.pipeline.prompt_weighting.MAX_WINDOWS (8) are served. SDXL bases' UNet too (ember.specs.lora_xl).
+UNET_TRACE_DIMS = {"text_sequence": 2 * TEXT_LENGTH}
+UNET_VERIFY_DIMS = {"text_sequence": TEXT_LENGTH}
 
 
 F32, I64 = torch.float32, torch.int64
@@ -111,17 +125,19 @@ TEXT_ENCODER = NetworkSpec(
 UNET = NetworkSpec(
     name="unet",
     subfolder="unet",
-    version=1,
+    version=2,  # 2: encoder_hidden_states takes 77 * windows tokens (long weighted prompts), not 77
     inputs=(
         TensorSpec("sample", F32, ("batch", "latent_channels", "latent_height", "latent_width")),
         TensorSpec("timestep", F32, ("batch",)),
-        TensorSpec("encoder_hidden_states", F32, ("batch", "sequence", "hidden")),
+        TensorSpec("encoder_hidden_states", F32, ("batch", "text_sequence", "hidden")),
     ),
     outputs=(TensorSpec("noise_pred", F32, ("batch", "latent_channels", "latent_height", "latent_width")),),
     load=_load_unet,
     static_dims=_unet_dims,
     image_dims=_image_dims,
     sample=_sample,
+    trace_dims=UNET_TRACE_DIMS,
+    verify_dims=UNET_VERIFY_DIMS,
 )
 
 SD15_LORA_NETWORKS = (TEXT_ENCODER, UNET, VAE_DECODER)

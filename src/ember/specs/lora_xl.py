@@ -16,6 +16,7 @@ maps, so LoRAs on the UNet and both encoders refit the ONNX Runtime sessions.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -25,8 +26,10 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from ember.specs.base import NetworkSpec, TensorSpec
+from ember.specs.lora import UNET_TRACE_DIMS, UNET_VERIFY_DIMS
 from ember.specs.sd15 import TEXT_LENGTH, VAE_DECODER, _image_dims, _load_vae_decoder, _sample
-from ember.specs.sdxl import UNET, XLUNet, _load_xl_unet
+from ember.specs.sdxl import UNET as SDXL_UNET
+from ember.specs.sdxl import XLUNet, _load_xl_unet, _unet_dims
 
 # clip_skip in 0..2 (fal's range): each encoder returns one hidden state per value.
 CLIP_SKIPS = 3
@@ -163,6 +166,28 @@ TEXT_ENCODER_2 = NetworkSpec(
     sample=_sample,
 )
 
+
+def _xl_unet_dims(config: Mapping[str, Any]) -> dict[str, int]:
+    return {**_unet_dims(config), "text_sequence": TEXT_LENGTH}  # dynamic; 77 (one window) by default
+
+
+# ember.specs.sdxl's plain SDXL UNet with a dynamic text axis: encoder_hidden_states (B, 77 * windows, 2048)
+# for long weighted prompts (ember.pipeline.prompt_weighting), traced at 2 windows and verified at 1 as
+# SD1.5's (ember.specs.lora.UNET). A variant of its own: fal-ai/lcm's SDXL exports keep their fixed 77.
+UNET = dataclasses.replace(
+    SDXL_UNET,
+    version=2,  # 2: the dynamic text_sequence axis
+    inputs=tuple(
+        TensorSpec(t.name, t.dtype, ("batch", "text_sequence", "hidden"))
+        if t.name == "encoder_hidden_states"
+        else t
+        for t in SDXL_UNET.inputs
+    ),
+    static_dims=_xl_unet_dims,
+    trace_dims=UNET_TRACE_DIMS,
+    verify_dims=UNET_VERIFY_DIMS,
+)
+
 NETWORKS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER)
 
 
@@ -173,8 +198,6 @@ def bind_xl_loaders(
     and custom UNet (`unet_source`, a diffusers UNet directory). `vae_fp32`: the VAE config sets
     force_upcast, so the decoder keeps float32 whatever EMBER_DTYPE / the engine precision says (diffusers
     upcasts it the same way; the original SDXL VAE overflows fp16)."""
-    import dataclasses
-
     loaders = (
         functools.partial(_load_text_encoder, variant=variant),
         functools.partial(_load_text_encoder_2, variant=variant),

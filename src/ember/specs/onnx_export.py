@@ -46,7 +46,7 @@ class ExportReport:
 def export_onnx(spec: NetworkSpec, module: nn.Module, config: Mapping[str, Any], path: Path) -> ExportReport:
     """Export `module` (the spec's wrapper) to `path` and verify it with onnxruntime against torch."""
     module = module.eval().float()
-    trace_inputs = spec.sample_inputs(config, *(spec.trace_shape or TRACE_SHAPE))
+    trace_inputs = spec.sample_inputs(config, *(spec.trace_shape or TRACE_SHAPE), overrides=spec.trace_dims)
     dynamic_axes = {t.name: t.dynamic_axes() for t in (*spec.inputs, *spec.outputs)}
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode(), warnings.catch_warnings():
@@ -70,7 +70,8 @@ def export_onnx(spec: NetworkSpec, module: nn.Module, config: Mapping[str, Any],
 
 def verify_onnx(spec: NetworkSpec, module: nn.Module, config: Mapping[str, Any], path: Path) -> float:
     """Run torch and onnxruntime on the same sample input; return the largest absolute difference."""
-    inputs = spec.sample_inputs(config, *(spec.verify_shape or VERIFY_SHAPE), seed=1)
+    shape = spec.verify_shape or VERIFY_SHAPE
+    inputs = spec.sample_inputs(config, *shape, seed=1, overrides=spec.verify_dims)
     with torch.inference_mode():
         expected = module(*(inputs[name] for name in spec.input_names))
     expected = expected if isinstance(expected, tuple) else (expected,)
