@@ -177,11 +177,12 @@ def test_base_unet_unchanged_and_batches_keep_each_result(pipeline, dirs, plain)
     assert model.unet.module.unet.encoder_hid_proj is None
 
 
-def test_faceid_weights_refused_and_bad_scale_json_fails_only_its_request(pipeline, dirs):
-    with pytest.raises(ValueError, match="InsightFace"):
-        parse_ip_adapter(
-            {"image_proj.norm.weight": torch.ones(4), "ip_adapter.1.to_k_ip.weight": torch.ones(4, 4)}, "x"
-        )
+def test_faceid_weights_recognised_and_bad_scale_json_fails_only_its_request(pipeline, dirs):
+    # FaceID weights parse as FaceID (served: tests/pipeline/test_lora_ip_adapter_faceid.py)
+    faceid = {"image_proj.norm.weight": torch.ones(4), "ip_adapter.1.to_k_ip.weight": torch.ones(4, 4)}
+    assert parse_ip_adapter(faceid, "x").face == "faceid"
+    with pytest.raises(ValueError, match="not an IP-Adapter"):
+        parse_ip_adapter({"image_proj.norm.weight": torch.ones(4)}, "y")
     bad = _ip(dirs, _images(7, 1), scale_json='{"sideways": 1.0}')
     good = _request(dirs, None)
     results = pipeline([_request(dirs, bad), good])

@@ -214,3 +214,24 @@ def test_builtin_sdxl_config_is_the_real_architecture() -> None:
     signature = _signature_of_config(root)
     assert signature["unet_transformer_blocks"] == transformer_blocks == 70
     assert signature["added_cond_dim"] == 2816 and signature["cross_attention_dim"] == 2048
+
+
+async def test_model_pack_zips_are_streamed_to_the_store(server: str, tmp_path: Path) -> None:
+    """InsightFace model pack URLs (kind "pack") take the checkpoint path: streamed to `<sha256>.zip`, the
+    central directory checked (ONNX members required), never held whole in memory."""
+    import hashlib
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("buffalo_l/det_10g.onnx", b"det")
+        archive.writestr("buffalo_l/w600k_r50.onnx", b"rec")
+    pack = buffer.getvalue()
+    _Handler.routes.update({"/buffalo_l.zip": pack, "/not-a-zip.zip": b"PK but not really"})
+    cache = _cache(tmp_path)
+    stored = await cache.fetch(f"{server}/buffalo_l.zip", LOC, kind="pack")
+    assert stored == tmp_path / f"{hashlib.sha256(pack).hexdigest()}.zip" and stored.read_bytes() == pack
+    with pytest.raises(InputError, match="does not hold a .zip"):
+        await cache.fetch(f"{server}/not-a-zip.zip", LOC, kind="pack")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stored.name]  # nothing half-written left

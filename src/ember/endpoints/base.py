@@ -60,6 +60,11 @@ class MediaLoader(Protocol):
         """A small JSON object (a model's config.json: at most 64 KiB), parsed; anything else refused."""
         ...
 
+    async def model_pack(self, url: str, loc: Loc) -> str:
+        """A .zip of ONNX model files (an InsightFace model pack such as buffalo_l.zip), streamed to disk
+        like `checkpoint` and its central directory checked (only .onnx files are used): its absolute path."""
+        ...
+
 In = TypeVar("In", bound=BaseModel)
 
 

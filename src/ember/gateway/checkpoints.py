@@ -1,6 +1,7 @@
 """Single-file model checkpoints named by URL (fal-ai/lora `model_name`; UNet-only files: `unet_name` and
-the IC-Light offsets of `ic_light_model_url`; single-file ControlNets: `controlnets[].path`): streamed to
-disk, never held in memory or sent through a Triton tensor (they are GBs).
+the IC-Light offsets of `ic_light_model_url`; single-file ControlNets: `controlnets[].path`; InsightFace
+model pack .zips: `ip_adapter[].insight_face_model_path`): streamed to disk, never held in memory or sent
+through a Triton tensor (they are GBs, a pack hundreds of MB).
 
 The URL goes through the SSRF-safe fetcher (or, for the gateway's own file URLs such as fal storage
 uploads, is copied from the file store) chunk by chunk into a temporary file under
@@ -27,7 +28,7 @@ from typing import Any
 
 from ember.endpoints.common import InputError, Loc
 from ember.gateway.fetcher import Fetcher, FetchError
-from ember.gateway.weights import check_safetensors_file
+from ember.gateway.weights import check_model_pack, check_safetensors_file
 from ember.specs.checkpoint_keys import checkpoint_family, controlnet_file_family, refusal, unet_file_layout
 
 SUBDIR = "checkpoints"
@@ -47,11 +48,13 @@ class CheckpointCache:
         """The checked checkpoint `url` names, as `<directory>/<sha256>.safetensors`; InputError at `loc`.
         `kind`: "model" (a full SD checkpoint, family checked) or "unet" (UNet weights only: a single-file
         UNet or an IC-Light offset file, in diffusers or LDM key names) or "controlnet" (a single-file
-        ControlNet, SD1.5 or SDXL, in diffusers or original key names)."""
-        if kind not in ("model", "unet", "controlnet"):
+        ControlNet, SD1.5 or SDXL, in diffusers or original key names) or "pack" (an InsightFace model pack
+        .zip of ONNX files, stored as `<sha256>.zip`)."""
+        if kind not in ("model", "unet", "controlnet", "pack"):
             raise ValueError(f"unknown checkpoint kind {kind!r}")
+        suffix = ".zip" if kind == "pack" else ".safetensors"
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".partial-", suffix=".safetensors", dir=self.directory)
+        fd, tmp_name = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=self.directory)
         tmp = Path(tmp_name)
         digest = hashlib.sha256()
         try:
@@ -70,12 +73,12 @@ class CheckpointCache:
                         )
                     except FetchError as exc:
                         raise InputError(loc, exc.msg, exc.kind) from None
-            target = self.directory / f"{digest.hexdigest()}.safetensors"
+            target = self.directory / f"{digest.hexdigest()}{suffix}"
             if not target.is_file():
-                await asyncio.to_thread(self._check, tmp, loc, kind)
+                await asyncio.to_thread(self._check, tmp, loc, kind, self.max_bytes)
                 os.replace(tmp, target)
-            else:
-                await asyncio.to_thread(self._check, target, loc, kind)  # cheap: the header only
+            else:  # cheap: the header (a zip's central directory) only
+                await asyncio.to_thread(self._check, target, loc, kind, self.max_bytes)
             return target
         finally:
             tmp.unlink(missing_ok=True)
@@ -92,7 +95,10 @@ class CheckpointCache:
                 out.write(block)
 
     @staticmethod
-    def _check(path: Path, loc: Loc, kind: str = "model") -> None:
+    def _check(path: Path, loc: Loc, kind: str = "model", max_bytes: int = 0) -> None:
+        if kind == "pack":
+            check_model_pack(path, loc, max_bytes)
+            return
         weights = check_safetensors_file(path, loc)
         if kind == "controlnet":
             try:

@@ -111,3 +111,8 @@ class GatewayMedia:
     async def weights(self, url: str, loc: Loc) -> WeightsFile:
         data, _ = await self.read(url, loc, self.max_weights_bytes)
         return await asyncio.to_thread(check_safetensors, data, loc, self.max_weights_bytes)
+
+    async def model_pack(self, url: str, loc: Loc) -> str:
+        """An InsightFace model pack .zip streamed to the shared checkpoint directory like a checkpoint
+        (hundreds of MB: never in memory, never in a Triton tensor), its central directory checked: its path."""
+        return await self.checkpoint(url, loc, kind="pack")

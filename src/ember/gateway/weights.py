@@ -10,9 +10,11 @@ Format: https://github.com/huggingface/safetensors#format.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
+import zipfile
 from pathlib import Path
 
 from ember.endpoints.common import InputError, Loc, TensorInfo, WeightsFile
@@ -24,16 +26,29 @@ MAX_TENSORS = 200_000
 MAX_DIMS = 8
 
 DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 
 # (magic prefix, what it is): formats people send as weights that must never be loaded.
 _REFUSED: tuple[tuple[bytes, str], ...] = (
     (b"PK\x03\x04", "a zip archive (a PyTorch .pt/.pth/.ckpt checkpoint holds pickles)"),
-    (b"\x80\x02", "a Python pickle"), (b"\x80\x03", "a Python pickle"), (b"\x80\x04", "a Python pickle"),
+    (b"\x80\x02", "a Python pickle"),
+    (b"\x80\x03", "a Python pickle"),
+    (b"\x80\x04", "a Python pickle"),
     (b"\x80\x05", "a Python pickle"),
     (b"GGUF", "a GGUF file"),
     (b"\x89HDF", "an HDF5 file"),
@@ -76,14 +91,15 @@ def _check_layout(data: bytes, size: int, loc: Loc) -> tuple[dict[str, TensorInf
     if header_len > MAX_HEADER_BYTES or 8 + header_len > min(size, len(data)):
         raise _refuse(loc, "the header length does not fit the file (not a safetensors file, or truncated)")
     try:
-        header = json.loads(data[8:8 + header_len].decode("utf-8"))
+        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise _refuse(loc, "the header is not JSON (not a safetensors file)") from None
     if not isinstance(header, dict):
         raise _refuse(loc, "the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                 for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise _refuse(loc, "__metadata__ must map strings to strings")
     if len(header) > MAX_TENSORS:
         raise _refuse(loc, f"more than {MAX_TENSORS} tensors")
@@ -108,11 +124,17 @@ def _tensor(name: str, entry: object, data_len: int, loc: Loc) -> TensorInfo:
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPE_SIZES:
         raise _refuse(loc, f"tensor {name!r}: unknown dtype {dtype!r}")
-    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
         raise _refuse(loc, f"tensor {name!r}: bad shape")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
         raise _refuse(loc, f"tensor {name!r}: bad data_offsets")
     start, end = offsets
     if not 0 <= start <= end <= data_len:
@@ -120,3 +142,21 @@ def _tensor(name: str, entry: object, data_len: int, loc: Loc) -> TensorInfo:
     if end - start != math.prod(shape) * DTYPE_SIZES[dtype]:
         raise _refuse(loc, f"tensor {name!r}: {end - start} bytes do not hold {dtype} x {shape}")
     return TensorInfo(dtype=dtype, shape=tuple(shape), start=start, end=end)
+
+
+def check_model_pack(source: Path | bytes, loc: Loc, max_bytes: int) -> None:
+    """A zip (a path or its bytes) whose .onnx members exist and unpack to at most 2 x max_bytes (no zip
+    bombs); the Triton side unpacks only those, flattened (ember.pipeline.face_analysis.unpack)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as archive:
+            members = [m for m in archive.infolist() if m.filename.endswith(".onnx") and not m.is_dir()]
+    except (zipfile.BadZipFile, OSError):
+        raise InputError(loc, "this URL does not hold a .zip model pack", "invalid_archive") from None
+    if not members:
+        raise InputError(
+            loc, "the .zip holds no .onnx model files (an InsightFace pack has them)", "invalid_archive"
+        )
+    if sum(m.file_size for m in members) > 2 * max_bytes:
+        raise InputError(
+            loc, f"the pack's ONNX files unpack to more than {2 * max_bytes} bytes", "file_too_large"
+        )

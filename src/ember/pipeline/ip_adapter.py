@@ -29,18 +29,30 @@ images per adapter and which adapters are masked): the attention processors hold
 Images and masks are per request rows, so such a batch may still mix different images and masks.
 
 Runs on the torch runtime only: ONNX / TensorRT export of IP-Adapter UNets is not done (the image tokens
-would be extra engine inputs per adapter count; a later issue). FaceID adapters (InsightFace face
-embeddings) are refused: InsightFace's detector and its model files are not available here.
+would be extra engine inputs per adapter count; a later issue).
+
+FaceID adapters (h94/IP-Adapter-FaceID, served from .safetensors saves of the same weights) run as diffusers'
+FaceID recipe does: each image's largest face -> ArcFace's normalised 512-d embedding (ember.pipeline.
+face_analysis, from the request's InsightFace model pack: fal's insight_face_model_path) -> fed as
+`ip_adapter_image_embeds` (rows [zeros x k; embeds x k] with CFG, (rows, n, 512)). FaceID Plus v1 / v2
+also take the CLIP image encoder's penultimate hidden states of the face aligned to 224x224 (norm_crop) as
+the projection's `clip_embeds` (unconditional: those of an all-zero image, as prepare_ip_adapter_image_embeds)
+and its `shortcut` from fal's image_projection_shortcut (v1: False, v2: True); both are IP UNet inputs /
+per-batch settings here, not module state left behind. A FaceID checkpoint's attention LoRA (to_*_lora) is
+loaded by diffusers' load_ip_adapter into the IP UNet copy only (peft layers over the shared weights).
+unconditional_noising_factor acts on the CLIP part of FaceID Plus only (a face embedding has no image).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
 import weakref
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +65,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ember.pipeline.face_analysis import PACKS, NoFaceError, norm_crop, unpack
 from ember.pipeline.guided_denoise import GuidedSlot
 from ember.runtime import Runner, torch_dtype
 from ember.settings import Settings
@@ -62,6 +75,10 @@ from ember.specs.controlnet_xl import XL_CONTROLLED_UNET
 from ember.specs.image_encoder import DEFAULT_WEIGHT_NAME, bind_image_encoder
 from ember.specs.lora import UNET
 from ember.specs.sdxl import UNET as XL_UNET
+
+# Where InsightFace model pack .zips are unpacked, one directory per content sha256, under the model root
+# (beside the gateway's checkpoint store, which holds the .zips of pack URLs).
+PACK_CACHE = Path("checkpoints") / "insightface-packs"
 
 # MEDIA reader: (index, what) -> the array the gateway sent (lora_io.media_array bound to one request).
 MediaReader = Callable[[Any, str], np.ndarray]
@@ -81,6 +98,23 @@ class IPAdapterWeights:
         return "proj.weight" in self.state["image_proj"]
 
     @property
+    def face(self) -> str | None:
+        """FaceID kind: "faceid" (IPAdapterFaceIDImageProjection: face embedding -> tokens), "faceid_plus"
+        (IPAdapterFaceIDPlusImageProjection: + CLIP embeds of the aligned face), None for CLIP-image
+        adapters; diffusers' own tests of the image_proj keys (loaders/unet.py)."""
+        proj = self.state["image_proj"]
+        if "perceiver_resampler.proj_in.weight" in proj:
+            return "faceid_plus"
+        if "norm.weight" in proj and "proj.weight" not in proj and "proj.3.weight" not in proj:
+            return "faceid"
+        return None
+
+    @property
+    def uses_encoder(self) -> bool:
+        """Whether the CLIP image encoder runs for it (all but plain FaceID)."""
+        return self.face != "faceid"
+
+    @property
     def cross_attention_dim(self) -> int | None:
         """The UNet cross-attention width its to_k_ip / to_v_ip layers take (SD1.5: 768, SDXL: 2048)."""
         for key, value in self.state["ip_adapter"].items():
@@ -91,6 +125,8 @@ class IPAdapterWeights:
     @property
     def embed_width(self) -> int | None:
         """The image-encoder output width its projection takes (P for plain, Dv for Plus / Full Face)."""
+        if self.face == "faceid_plus":  # its proj.0 takes the face embedding; the CLIP width is proj_in's
+            return int(self.state["image_proj"]["perceiver_resampler.proj_in.weight"].shape[-1])
         for key in ("proj.weight", "proj_in.weight", "proj.0.weight"):
             if key in self.state["image_proj"]:
                 return int(self.state["image_proj"][key].shape[-1])
@@ -99,7 +135,7 @@ class IPAdapterWeights:
 
 def parse_ip_adapter(tensors: Mapping[str, torch.Tensor], digest: str) -> IPAdapterWeights:
     """Split a flat safetensors state dict ("image_proj.*", "ip_adapter.*") as diffusers' load_ip_adapter
-    does; ValueError for what is not an IP-Adapter or cannot run here (FaceID)."""
+    does; ValueError for what is not an IP-Adapter."""
     state: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
     for key, value in tensors.items():
         prefix, _, rest = key.partition(".")
@@ -107,16 +143,12 @@ def parse_ip_adapter(tensors: Mapping[str, torch.Tensor], digest: str) -> IPAdap
             state[prefix][rest] = value
     if not state["image_proj"] or not state["ip_adapter"]:
         raise ValueError("not an IP-Adapter checkpoint (needs image_proj.* and ip_adapter.* weights)")
-    proj = state["image_proj"]
-    face_id = "perceiver_resampler.proj_in.weight" in proj or (
-        "norm.weight" in proj and "proj.weight" not in proj and "proj.3.weight" not in proj
-    )
-    if face_id or any("lora" in key for key in state["ip_adapter"]):
+    weights = IPAdapterWeights(digest, state)
+    if weights.face is None and any("lora" in key for key in state["ip_adapter"]):
         raise ValueError(
-            "FaceID IP-Adapters are not supported: they take InsightFace face embeddings, and InsightFace "
-            "(its detector and model files) is not available on this server; use a CLIP-image IP-Adapter"
+            "attention LoRA weights (to_*_lora) belong to FaceID adapters, whose image_proj this lacks"
         )
-    return IPAdapterWeights(digest, state)
+    return weights
 
 
 class IPAdapterFiles:
@@ -155,6 +187,8 @@ class IPAdapterUnit:
     # kept as canonical JSON text so that it hashes; replaces `scale` when set.
     scale_json: str | None = None
     unconditional_noising_factor: float = 0.0  # fal's: 0 = diffusers' unconditional embeds (module docstring)
+    face_pack: str | None = None  # FaceID: its InsightFace model pack directory (face_analysis)
+    shortcut: bool = True  # FaceID Plus: fal's image_projection_shortcut (v1: False, v2: True)
 
     @property
     def scale_config(self) -> float | dict[str, Any]:
@@ -174,7 +208,7 @@ class IPAdapterRequest:
             self.image_encoder,
             self.image_encoder_weight_name,
             tuple(
-                (u.weights.digest, u.scale, u.scale_json, len(u.images), u.mask is not None)
+                (u.weights.digest, u.scale, u.scale_json, len(u.images), u.mask is not None, u.shortcut)
                 for u in self.units
             ),
         )
@@ -227,18 +261,40 @@ def _encoder_dir(path: str, subfolder: str | None, root: Path, what: str) -> str
     return str(Path(snapshot) / prefix)
 
 
+def _face_pack(source: Mapping[str, Any] | None, media: MediaReader, root: Path, what: str) -> str | None:
+    """The InsightFace model pack directory of {"path": directory under root}, {"zip": a .zip under root}
+    (a pack URL, streamed by the gateway to the checkpoint store) or {"media": i} (a .zip's bytes, from a
+    direct Triton client); zips are unpacked once per content under root/PACK_CACHE."""
+    if not source:
+        return None
+    if "path" in source:
+        return str(_under_root(Path(source["path"]), root, what))
+    pack = (
+        media(source["media"], what).tobytes()
+        if "media" in source
+        else _under_root(Path(source["zip"]), root, what)
+    )
+    try:
+        return str(unpack(pack, root / PACK_CACHE))
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ValueError(f"{what}: cannot unpack the model pack .zip: {exc}") from exc
+
+
 def parse_ip_adapter_options(
     options: Mapping[str, Any] | None, media: MediaReader, root: Path
 ) -> IPAdapterRequest | None:
     """OPTIONS["ip_adapter"] (written by ember.endpoints.lora.ip_adapter) -> the request's IP-Adapters:
 
         {"adapters": [{"weights": {"media": i} | {"path": p, "subfolder": s, "weight_name": w},
-                       "images": [i, ...], "mask": i | null, "scale": 1.0, "scale_json": {...} | null}],
+                       "images": [i, ...], "mask": i | null, "scale": 1.0, "scale_json": {...} | null,
+                       "insight_face": {"path": p} | {"media": i} | null, "shortcut": true}],
          "image_encoder": {"path": p | null, "subfolder": s | null, "weight_name": w}}
 
     Images are (H, W, 3) uint8 and masks (H, W) uint8 in MEDIA; a fetched checkpoint is its bytes as a
     (n,) uint8 array there. Without an image encoder path, the first adapter's repo/directory's
-    `<subfolder>/image_encoder` is used, as diffusers' load_ip_adapter does. ValueError names the field.
+    `<subfolder>/image_encoder` is used, as diffusers' load_ip_adapter does (none when only plain FaceID
+    adapters are given: they use no image encoder). FaceID adapters need "insight_face": an InsightFace
+    model pack directory under `root`, or a .zip of one in MEDIA. ValueError names the field.
     """
     if not options or not options.get("adapters"):
         return None
@@ -268,6 +324,12 @@ def parse_ip_adapter_options(
         noising = float(entry.get("unconditional_noising_factor", 0.0))
         if not 0.0 <= noising <= 1.0:
             raise ValueError(f"{what}.unconditional_noising_factor must be from 0 to 1, not {noising}")
+        pack = _face_pack(entry.get("insight_face"), media, root, f"{what}.insight_face_model_path")
+        if weights.face is not None and pack is None:
+            raise ValueError(
+                f"{what}.insight_face_model_path is required for this FaceID IP-Adapter: an InsightFace "
+                "model pack (e.g. buffalo_l: det_10g.onnx + w600k_r50.onnx) to find and embed the face"
+            )
         units.append(
             IPAdapterUnit(
                 weights,
@@ -276,10 +338,14 @@ def parse_ip_adapter_options(
                 float(entry.get("scale", 1.0)),
                 None if scale_json is None else json.dumps(scale_json, sort_keys=True),
                 noising,
+                pack if weights.face is not None else None,
+                bool(entry.get("shortcut", True)),
             )
         )
     encoder = options.get("image_encoder") or {}
-    if encoder.get("path"):
+    if not any(u.weights.uses_encoder for u in units):
+        directory = ""  # plain FaceID only: no CLIP image encoder runs
+    elif encoder.get("path"):
         directory = _encoder_dir(encoder["path"], encoder.get("subfolder"), root, "image_encoder_path")
     else:
         first = options["adapters"][0]["weights"]
@@ -299,17 +365,25 @@ class IPAdapterUNet(nn.Module):
     """Inputs in spec order: sample (B, C, h, w), timestep (B,), encoder_hidden_states (B, 77, D), then the
     `added` conditions (SDXL: text_embeds (B, P), time_ids (B, 6)), then `residuals` ControlNet residuals
     (ember.specs.controlnet.CONTROLLED_UNET's 13 on SD1.5, controlnet_xl.XL_CONTROLLED_UNET's 10 on SDXL;
-    0 without ControlNets), then per adapter its image embeds (B, n, P) or (B, n, T, Dv), then per masked
-    adapter its masks (B, n, H, W) in {0, 1}."""
+    0 without ControlNets), then per adapter its image embeds (B, n, P) or (B, n, T, Dv) (FaceID: face
+    embeddings (B, n, 512)), then per masked adapter its masks (B, n, H, W) in {0, 1}, then per FaceID Plus
+    adapter its CLIP embeds (B, n, T, Dv), set as its projection's `clip_embeds` for the call with its
+    `shortcut` (diffusers' FaceID Plus recipe sets both on the module)."""
 
     def __init__(
-        self, unet: nn.Module, masked: tuple[bool, ...], residuals: int, added: tuple[str, ...] = ()
+        self,
+        unet: nn.Module,
+        masked: tuple[bool, ...],
+        residuals: int,
+        added: tuple[str, ...] = (),
+        shortcuts: tuple[bool | None, ...] = (),  # per adapter: FaceID Plus shortcut, None for the others
     ):
         super().__init__()
         self.unet = unet
         self.masked = masked
         self.residuals = residuals
         self.added = added
+        self.shortcuts = shortcuts
         self.config = dict(unet.config)
 
     def forward(
@@ -331,6 +405,10 @@ class IPAdapterUNet(nn.Module):
         masks = [next(given) if m else None for m in self.masked]
         if any(self.masked):
             kwargs["cross_attention_kwargs"] = {"ip_adapter_masks": masks}
+        for i, shortcut in enumerate(self.shortcuts):
+            if shortcut is not None:
+                layer = self.unet.encoder_hid_proj.image_projection_layers[i]
+                layer.clip_embeds, layer.shortcut = next(given), shortcut
         return self.unet(
             sample,
             timestep,
@@ -348,16 +426,21 @@ def _unet_spec(request: IPAdapterRequest, base: Any) -> Any:
     extra = []
     for i, u in enumerate(request.units):
         images = f"images_{i}"
-        axes = (
-            ("batch", images, "projection")
-            if u.weights.plain
-            else ("batch", images, "tokens", "vision_hidden")
-        )
+        if u.weights.face is not None:
+            axes: tuple[str, ...] = ("batch", images, "face_embedding")
+        elif u.weights.plain:
+            axes = ("batch", images, "projection")
+        else:
+            axes = ("batch", images, "tokens", "vision_hidden")
         extra.append(TensorSpec(f"image_embeds_{i}", torch.float32, axes))
     for i, u in enumerate(request.units):
         if u.mask is not None:
             axes = ("batch", f"images_{i}", "image_height", "image_width")
             extra.append(TensorSpec(f"ip_mask_{i}", torch.float32, axes))
+    for i, u in enumerate(request.units):
+        if u.weights.face == "faceid_plus":
+            axes = ("batch", f"images_{i}", "tokens", "vision_hidden")
+            extra.append(TensorSpec(f"clip_embeds_{i}", torch.float32, axes))
     return dataclasses.replace(base, name="unet_ip_adapter", inputs=(*base.inputs, *extra))
 
 
@@ -374,6 +457,24 @@ def _check_widths(request: IPAdapterRequest, unet_config: Mapping[str, Any], fam
                 "pick the adapter made for the base (SDXL: e.g. h94/IP-Adapter with model_subfolder "
                 "sdxl_models, weight_name ip-adapter_sdxl.safetensors)"
             )
+
+
+@functools.cache
+def _holder_class() -> type:
+    from diffusers.loaders import IPAdapterMixin, StableDiffusionLoraLoaderMixin
+
+    class Holder(IPAdapterMixin, StableDiffusionLoraLoaderMixin):
+        """What diffusers' load_ip_adapter reads of a pipeline: `.unet`, and for a FaceID checkpoint's
+        attention LoRA load_lora_weights / set_adapters (peft layers into `.unet` only; no text encoder)."""
+
+        unet_name, text_encoder_name = "unet", "text_encoder"
+        hf_device_map = None  # no accelerate device map: diffusers' offloading checks read these two
+
+        def __init__(self, unet: nn.Module):
+            self.unet, self.text_encoder = unet, None
+            self.components = {"unet": unet}
+
+    return Holder
 
 
 class IPAdapterStage:
@@ -430,11 +531,11 @@ class IPAdapterStage:
             # their attention processors and config, which load_ip_adapter replaces / edits.
             shared = {id(t): t for t in itertools.chain(original.parameters(), original.buffers())}
             unet = copy.deepcopy(original, memo=shared)
-            holder = SimpleNamespace(unet=unet)  # all IPAdapterMixin reads here: `.unet`
+            holder = _holder_class()(unet)
             states = [dict(u.weights.state) for u in request.units]
             try:
-                IPAdapterMixin.load_ip_adapter(
-                    holder, states, subfolder=[None] * len(states), weight_name=[None] * len(states)
+                holder.load_ip_adapter(
+                    states, subfolder=[None] * len(states), weight_name=[None] * len(states)
                 )
             except (KeyError, RuntimeError, ValueError) as exc:  # layers / widths of another base model
                 raise ValueError(f"the IP-Adapter does not fit this base model's UNet: {exc}") from exc
@@ -459,7 +560,8 @@ class IPAdapterStage:
         }[xl, controlled]
         added = ("text_embeds", "time_ids") if xl else ()
         residuals = len(spec.inputs) - 3 - len(added)
-        module = IPAdapterUNet(unet, masked, residuals, added)
+        shortcuts = tuple(u.shortcut if u.weights.face == "faceid_plus" else None for u in request.units)
+        module = IPAdapterUNet(unet, masked, residuals, added, shortcuts)
         dtype = next(unet.parameters()).dtype
         return TorchRunner(
             _unet_spec(request, spec), "", None, str(base.device), dtype, module=module, warmup=()
@@ -516,36 +618,82 @@ class IPAdapterStage:
         `noise` draws the unconditional images of adapters with an unconditional_noising_factor."""
         from diffusers.image_processor import IPAdapterMaskProcessor
 
-        runner, processor = self.encoder(request)
+        runner, processor = self.encoder(request) if request.image_encoder else (None, None)
         out: dict[str, torch.Tensor] = {}
         for i, unit in enumerate(request.units):
-            pil = [Image.fromarray(image).convert("RGB") for image in unit.images]
-            pixels = processor(images=pil, return_tensors="pt").pixel_values  # (n, 3, S, S)
-            encoded = runner.run({"pixel_values": pixels})
-            features = encoded["image_embeds" if unit.weights.plain else "hidden_states"].shape[-1]
-            if unit.weights.embed_width not in (None, features):
-                raise ValueError(
-                    f"ip_adapter[{i}] takes image features of width {unit.weights.embed_width}, but the image "
-                    f"encoder {request.image_encoder} gives {features}: pick the encoder the adapter was trained "
-                    "with (image_encoder_path / image_encoder_subfolder)"
-                )
-            output = "image_embeds" if unit.weights.plain else "hidden_states"
-            cond = encoded[output]  # (n, P) plain, (n, T, Dv) Plus / Full Face
-            if unit.unconditional_noising_factor > 0:  # fal's noised unconditional image (module docstring)
-                if noise is None:
-                    raise ValueError("unconditional_noising_factor needs the request's noise generator")
-                blank = torch.rand(pixels.shape, generator=noise) * unit.unconditional_noising_factor
-                uncond = runner.run({"pixel_values": blank})[output]
-            elif unit.weights.plain:
-                uncond = torch.zeros_like(cond)
-            else:
-                uncond = runner.run({"pixel_values": torch.zeros_like(pixels)})["hidden_states"]
-            rows = [uncond[None]] * k + [cond[None]] * k if do_cfg else [cond[None]] * k
-            out[f"image_embeds_{i}"] = torch.cat(rows)  # (rows, n, ...)
+            face = unit.weights.face
+            images = unit.images
+            if face is not None:
+                embeds, images = self.faces(unit, i)  # (n, 512) face embeddings, the 224 aligned faces
+                zeros = torch.zeros_like(embeds)  # diffusers' FaceID recipe: zero unconditional embeds
+                rows = [zeros[None]] * k + [embeds[None]] * k if do_cfg else [embeds[None]] * k
+                out[f"image_embeds_{i}"] = torch.cat(rows)  # (rows, n, 512)
+            if face != "faceid":  # plain FaceID runs no CLIP image encoder
+                if runner is None or processor is None:
+                    raise ValueError(f"ip_adapter[{i}] needs a CLIP image encoder (image_encoder_path)")
+                # (rows, n, P) plain, (rows, n, T, Dv) Plus / Full Face / FaceID Plus's clip_embeds
+                name = f"clip_embeds_{i}" if face == "faceid_plus" else f"image_embeds_{i}"
+                out[name] = self._clip_rows(runner, processor, request, unit, i, images, k, do_cfg, noise)
             if unit.mask is not None:
                 # (1, 1, H, W) binarized at the output size, the same mask for each of the adapter's images
                 mask = IPAdapterMaskProcessor().preprocess(
                     Image.fromarray(unit.mask), height=height, width=width
                 )
-                out[f"ip_mask_{i}"] = mask.expand(len(rows), len(unit.images), -1, -1).float()
+                rows = 2 * k if do_cfg else k
+                out[f"ip_mask_{i}"] = mask.expand(rows, len(unit.images), -1, -1).float()
         return out
+
+    def faces(self, unit: IPAdapterUnit, i: int) -> tuple[torch.Tensor, tuple[np.ndarray, ...]]:
+        """A FaceID adapter's images -> ((n, 512) ArcFace embeddings of each image's largest face, the faces
+        aligned to 224x224 as insightface's norm_crop: FaceID Plus's CLIP encoder input)."""
+        if unit.face_pack is None:
+            raise ValueError(f"ip_adapter[{i}].insight_face_model_path is required for a FaceID IP-Adapter")
+        pack = PACKS.get(unit.face_pack)
+        embeds, crops = [], []
+        for j, image in enumerate(unit.images):
+            try:
+                found = pack.largest(image)
+            except NoFaceError as exc:
+                at = f"[{j}]" if len(unit.images) > 1 else ""
+                raise ValueError(f"ip_adapter[{i}].ip_adapter_image_url{at}: {exc}") from exc
+            embeds.append(torch.from_numpy(pack.embed(image, found)))
+            crops.append(norm_crop(image, found.kps, 224))
+        return torch.stack(embeds), tuple(crops)
+
+    def _clip_rows(
+        self,
+        runner: Runner,
+        processor: Any,
+        request: IPAdapterRequest,
+        unit: IPAdapterUnit,
+        i: int,
+        images: Sequence[np.ndarray],
+        k: int,
+        do_cfg: bool,
+        noise: torch.Generator | None,
+    ) -> torch.Tensor:
+        """The CLIP image encoder's rows for one adapter: (rows, n, P) image_embeds for plain adapters,
+        (rows, n, T, Dv) penultimate hidden states for the others; unconditional as the module docstring."""
+        pil = [Image.fromarray(image).convert("RGB") for image in images]
+        pixels = processor(images=pil, return_tensors="pt").pixel_values  # (n, 3, S, S)
+        encoded = runner.run({"pixel_values": pixels})
+        features = encoded["image_embeds" if unit.weights.plain else "hidden_states"].shape[-1]
+        if unit.weights.embed_width not in (None, features):
+            raise ValueError(
+                f"ip_adapter[{i}] takes image features of width {unit.weights.embed_width}, but the image "
+                f"encoder {request.image_encoder} gives {features}: pick the encoder the adapter was trained "
+                "with (image_encoder_path / image_encoder_subfolder)"
+            )
+        output = "image_embeds" if unit.weights.plain else "hidden_states"
+        cond = encoded[output]  # (n, P) plain, (n, T, Dv) Plus / Full Face / FaceID Plus
+        if unit.unconditional_noising_factor > 0:  # fal's noised unconditional image (module docstring)
+            if noise is None:
+                raise ValueError("unconditional_noising_factor needs the request's noise generator")
+            blank = torch.rand(pixels.shape, generator=noise) * unit.unconditional_noising_factor
+            uncond = runner.run({"pixel_values": blank})[output]
+        elif unit.weights.plain:
+            uncond = torch.zeros_like(cond)
+        else:
+            uncond = runner.run({"pixel_values": torch.zeros_like(pixels)})["hidden_states"]
+        rows = [uncond[None]] * k + [cond[None]] * k if do_cfg else [cond[None]] * k
+        return torch.cat(rows)  # (rows, n, ...)

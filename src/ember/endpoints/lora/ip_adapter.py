@@ -12,9 +12,14 @@ ember.pipeline.ip_adapter.parse_ip_adapter_options).
   twin; any other name must be a .safetensors file.
 - unconditional_noising_factor: passed on; the Triton side encodes noise scaled by it as the unconditional
   image, as fal's text-to-image app does (ember.pipeline.ip_adapter says where that is defined).
-- Refused by name: insight_face_model_path (FaceID needs InsightFace, not available here).
-  image_projection_shortcut only concerns FaceID Plus projections, so it changes nothing for the CLIP-image
-  adapters served here.
+- insight_face_model_path (FaceID adapters): an InsightFace model pack (buffalo_l, antelopev2: a SCRFD
+  det_*.onnx and an ArcFace w600k_r50.onnx / glintr100.onnx), run by ember.pipeline.face_analysis on ONNX
+  Runtime: an http(s)/data: URL of the pack's .zip (streamed by the MediaLoader to the shared checkpoint
+  directory, size-limited like checkpoints, unpacked once per content on the Triton side) or a directory
+  under EMBER_LORA_MODEL_ROOT. Refused by name: bare pack names such as "buffalo_l" (insightface would download
+  them; no model download here).
+  image_projection_shortcut: passed on; it only acts on FaceID Plus projections (v1: False, v2: True).
+  h94's FaceID adapters are .bin pickles, refused by name: serve the same weights saved as .safetensors.
 """
 
 from __future__ import annotations
@@ -48,7 +53,32 @@ def _relative(value: str | None, loc: tuple[Any, ...]) -> None:
 def _file_name(value: str, loc: tuple[Any, ...]) -> None:
     if "/" in value or "\\" in value or not value.endswith(".safetensors"):
         raise InputError(
-            loc, "must name a .safetensors file (pickled .bin / .pt weights are refused)", "not_supported"
+            loc,
+            "must name a .safetensors file (pickled .bin / .pt weights are refused; for h94's FaceID .bin "
+            "adapters, save the same state dict as .safetensors with keys image_proj.* and ip_adapter.*)",
+            "not_supported",
+        )
+
+
+def _insight_face(value: str, loc: tuple[Any, ...], root: Path) -> None:
+    """insight_face_model_path: a .zip URL or an InsightFace model pack directory under the model root."""
+    if value.startswith(_URL):
+        check_url(value, loc)
+        return
+    if not value.startswith(("/", "~", ".")):
+        raise InputError(
+            loc,
+            f"give the URL of an InsightFace model pack .zip (e.g. buffalo_l.zip) or the path of a pack "
+            f"directory under {root} (e.g. {root}/buffalo_l holding det_10g.onnx and w600k_r50.onnx); pack "
+            "names are not downloaded here",
+            "not_supported",
+        )
+    path = Path(value).expanduser().resolve()
+    if not path.is_relative_to(root):
+        raise InputError(loc, f"InsightFace model packs must be directories under {root}", "path_not_allowed")
+    if not path.is_dir() or not any(path.rglob("*.onnx")):
+        raise InputError(
+            loc, f"{value} is not an InsightFace model pack directory (no .onnx files)", "path_not_found"
         )
 
 
@@ -61,13 +91,7 @@ def check_ip_adapter(
     for i, a in enumerate(inp.ip_adapter):
         loc = ("body", "ip_adapter", i)
         if a.insight_face_model_path is not None:
-            raise InputError(
-                (*loc, "insight_face_model_path"),
-                "FaceID IP-Adapters (insight_face_model_path) are not supported: they need InsightFace face "
-                "embeddings, and InsightFace (its detector and model files) is not available on this server; "
-                "use a CLIP-image IP-Adapter and leave insight_face_model_path out",
-                "not_supported",
-            )
+            _insight_face(a.insight_face_model_path, (*loc, "insight_face_model_path"), root)
         images = (
             [a.ip_adapter_image_url] if isinstance(a.ip_adapter_image_url, str) else a.ip_adapter_image_url
         )
@@ -106,12 +130,29 @@ def check_ip_adapter(
     _relative(inp.image_encoder_subfolder, ("body", "image_encoder_subfolder"))
     if inp.image_encoder_weight_name != DEFAULT_ENCODER_WEIGHTS:
         _file_name(inp.image_encoder_weight_name, ("body", "image_encoder_weight_name"))
-    if inp.ip_adapter and inp.image_encoder_path is None and inp.ip_adapter[0].path.startswith(_URL):
+    if (
+        inp.ip_adapter
+        and inp.image_encoder_path is None
+        and inp.ip_adapter[0].path.startswith(_URL)
+        and inp.ip_adapter[0].insight_face_model_path is None  # plain FaceID needs no image encoder
+    ):
         raise InputError(
             ("body", "image_encoder_path"),
             "image_encoder_path is required when ip_adapter[0].path is a URL (a weights file has no "
             "image_encoder folder beside it)",
         )
+
+
+async def _insight_face_source(
+    value: str | None, media: MediaLoader, loc: tuple[Any, ...]
+) -> dict[str, Any] | None:
+    """The OPTIONS entry of insight_face_model_path: {"path": directory} or, for a URL, {"zip": path} of the
+    .zip streamed to the shared checkpoint directory (never sent through a Triton tensor)."""
+    if value is None:
+        return None
+    if not value.startswith(_URL):
+        return {"path": value}
+    return {"zip": await media.model_pack(value, (*loc, "insight_face_model_path"))}
 
 
 async def load_ip_adapter(
@@ -157,6 +198,8 @@ async def load_ip_adapter(
                 "scale": a.scale,
                 "scale_json": a.scale_json,
                 "unconditional_noising_factor": a.unconditional_noising_factor,
+                "insight_face": await _insight_face_source(a.insight_face_model_path, media, loc),
+                "shortcut": a.image_projection_shortcut,
             }
         )
     encoder = {
