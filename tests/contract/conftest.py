@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import importlib
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -31,3 +35,21 @@ def fal_client(client_env: dict[str, str]) -> Iterator[ModuleType]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def static_server(directory: Path) -> Iterator[str]:
+    """An HTTP server for the files under `directory` (checkpoint URLs the gateway fetches): its base URL."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # the test output stays readable
+            return None
+
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory))
+    )
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import io
 import shutil
-import threading
 from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from types import ModuleType
 
 import httpx
@@ -22,16 +19,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ember.settings import Settings
+from tests.contract.conftest import static_server
 from tests.single_file_checkpoint import UNET_PREFIX, to_single_file_xl
 
 pytestmark = pytest.mark.e2e
 
 ENDPOINT = "fal-ai/lora"
-
-
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +49,13 @@ def served(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -
     save_file({k: v for k, v in full.items() if k.startswith(UNET_PREFIX)}, str(files / "unet.safetensors"))
     sd15 = build_tiny_sd15(files / "tiny-sd15")
     shutil.copy(next((sd15 / "unet").glob("*.safetensors")), files / "sd15-unet.safetensors")
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(files)))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
+    with static_server(files) as url:
         yield {
             "base": str(base.resolve()),
             "unet_dir": str(unet_dir.resolve()),
             "unet_url": f"{url}/unet.safetensors",
             "sd15_url": f"{url}/sd15-unet.safetensors",
         }
-    finally:
-        httpd.shutdown()
 
 
 def _pixels(result: dict, cafile: str) -> np.ndarray:

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import io
 import shutil
-import threading
 from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
 
@@ -22,16 +19,12 @@ from safetensors.torch import save_file
 
 from ember.pipeline.base_models import CONFIGS_SUBDIR
 from ember.settings import Settings
+from tests.contract.conftest import static_server
 from tests.single_file_checkpoint import to_single_file, to_single_file_xl
 
 pytestmark = pytest.mark.e2e
 
 ENDPOINT = "fal-ai/lora"
-
-
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +57,8 @@ def served(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -
         "cond_stage_model.model.ln_final.weight",
     )
     save_file({name: torch.zeros(2) for name in sd2_names}, str(files / "sd2.safetensors"))
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(files)))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", str(model.resolve())
-    finally:
-        httpd.shutdown()
+    with static_server(files) as url:
+        yield url, str(model.resolve())
 
 
 def _pixels(result: dict, cafile: str) -> np.ndarray:

@@ -6,10 +6,7 @@ the same image as that UNet's diffusers directory; a file without UNet tensors i
 from __future__ import annotations
 
 import io
-import threading
 from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from types import ModuleType
 
 import httpx
@@ -19,16 +16,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ember.settings import Settings
+from tests.contract.conftest import static_server
 from tests.single_file_checkpoint import UNET_PREFIX, to_single_file
 
 pytestmark = pytest.mark.e2e
 
 ENDPOINT = "fal-ai/lora"
-
-
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +39,13 @@ def served(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -
     save_file(unet, str(files / "unet.safetensors"))
     text_only = {k: v for k, v in load_file(str(full)).items() if k.startswith("cond_stage_model.")}
     save_file(text_only, str(files / "text.safetensors"))
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(files)))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
+    with static_server(files) as url:
         yield {
             "base": str(base.resolve()),
             "unet_dir": str((other / "unet").resolve()),
             "unet_url": f"{url}/unet.safetensors",
             "text_url": f"{url}/text.safetensors",
         }
-    finally:
-        httpd.shutdown()
 
 
 def _pixels(result: dict, cafile: str) -> np.ndarray:
