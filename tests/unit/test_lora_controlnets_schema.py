@@ -39,7 +39,7 @@ def _input(root: Path, **controlnet) -> LoraInput:
         ({"path": "https://x/cn.safetensors", "config_url": "file:///etc/passwd"}, "config_url"),
         ({"path": "https://x/cn.safetensors", "variant": "fp16"}, "variant"),  # a file inside a directory
         ({"variant": "../fp16"}, "variant"),
-        ({"ip_adapter_index": 0}, "ip_adapter_index"),
+        ({"ip_adapter_index": 0}, "ip_adapter_index"),  # no ip_adapter to index
         ({"image_url": "file:///etc/passwd"}, "image_url"),
         ({"mask_url": "ftp://x/m.png"}, "mask_url"),
         ({"start_percentage": 0.6, "end_percentage": 0.6}, "end_percentage"),
@@ -65,6 +65,28 @@ def test_served_inputs_pass(root: Path) -> None:
         check_model_name,
     )
     check_controlnets(_input(root, path="data:application/octet-stream;base64,AAAA"), root, check_model_name)
+
+
+def test_ip_adapter_index_must_index_ip_adapter(root: Path) -> None:
+    """InstantID: controlnets[i].ip_adapter_index names one of the request's IP-Adapters."""
+    adapter = {
+        "path": "InstantX/InstantID",
+        "weight_name": "ip-adapter.safetensors",
+        "ip_adapter_image_url": "https://x/f.png",
+    }
+
+    def body(index: int) -> LoraInput:
+        unit = {"path": str(root / "cn"), "image_url": "https://x/k.png", "ip_adapter_index": index}
+        return LoraInput.model_validate(
+            {"model_name": str(root / "m"), "prompt": "p", "controlnets": [unit], "ip_adapter": [adapter]}
+        )
+
+    check_controlnets(body(0), root, check_model_name)
+    for bad in (1, -1):
+        with pytest.raises(InputError) as info:
+            check_controlnets(body(bad), root, check_model_name)
+        assert info.value.loc == ("body", "controlnets", 0, "ip_adapter_index"), info.value.msg
+        assert "ip_adapter list (1 adapter(s))" in info.value.msg
 
 
 def test_translate_then_parse_round_trip(root: Path) -> None:
@@ -114,6 +136,7 @@ def test_translate_then_parse_round_trip(root: Path) -> None:
                 "conditioning_scale": 1.0,
                 "start_percentage": 0.25,
                 "end_percentage": 0.75,
+                "ip_adapter_index": 0,
             },
         ],
     }
@@ -127,5 +150,6 @@ def test_translate_then_parse_round_trip(root: Path) -> None:
     assert (
         np.array_equal(b.image, image_b) and np.array_equal(b.mask, mask) and (b.start, b.end) == (0.25, 0.75)
     )
+    assert a.ip_adapter_index is None and b.ip_adapter_index == 0
     with pytest.raises(ValueError, match="Endpoint.load"):
         LoraEndpoint().to_triton(inp, 3, {})  # ControlNets never silently dropped

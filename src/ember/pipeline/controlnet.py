@@ -10,6 +10,10 @@ A unit may carry a mask (fal-ai/lora's `controlnets[].mask_url`): its residuals 
 mask's region. Each residual lives on a latent grid (latent / 1, 2, 4, 8); the mask, resized to the output
 size, is area-averaged onto that grid (adaptive average pooling) and multiplies the residual, so a cell
 counts with the fraction of its pixels the mask covers (white = 1 = full control, black = 0 = none).
+
+A unit may carry its own cross-attention tokens (fal-ai/lora's `controlnets[].ip_adapter_index`: InstantID's
+IdentityNet reads an IP-Adapter's projected face tokens, not the prompt): the ControlNet then gets those
+rows as encoder_hidden_states instead of the prompt embeddings (ember.pipeline.instantid).
 """
 
 from __future__ import annotations
@@ -70,6 +74,9 @@ class ControlNetUnit:
     # The ControlNet's config sets global_pool_conditions (shuffle-like ControlNets): its residuals come
     # pooled to 1 x 1 (added to every position) and guess mode does not weight them, as in diffusers.
     pooled: bool = False
+    # The ControlNet's encoder_hidden_states for the request's rows ([uncond x k; cond x k] with CFG),
+    # (rows, T, D), instead of the prompt embeddings: an IP-Adapter's projected image tokens (InstantID).
+    tokens: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -107,8 +114,9 @@ def zero_residuals(
     return out
 
 
-# One unit's share of a ControlNet call: (rows index (n,), control image (n, 3, H, W), scale (n,), mask).
-_Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+# One unit's share of a ControlNet call: (rows index (n,), control image (n, 3, H, W), scale (n,), mask,
+# its own encoder_hidden_states (n, T, D) or None for the prompt embeddings' rows).
+_Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
 
 
 def controlnet_residuals(
@@ -124,28 +132,34 @@ def controlnet_residuals(
     None when no row has a unit. A unit outside its start/end runs with scale 0, as diffusers runs it.
     `extra`: more ControlNet inputs with rows as `embeddings` (SDXL's text_embeds (B, P), time_ids (B, 6)):
     each ControlNet gets the rows it conditions, as the UNet gets them."""
-    # One call per (runner, guess mode, pooled); each part is one unit's rows.
-    calls: dict[tuple[int, bool, bool], tuple[Runner, list[_Part]]] = {}
+    # One call per (runner, guess mode, pooled, own tokens' shape); each part is one unit's rows.
+    calls: dict[tuple[int, bool, bool, tuple[int, ...] | None], tuple[Runner, list[_Part]]] = {}
     for r in rows:
         for unit in r.units:
             scale = unit.scale if control_active(step, total, unit.start, unit.end) else 0.0
             first = r.offset + (r.size - r.k if unit.guess_mode else 0)
             index = torch.arange(first, r.offset + r.size)  # the rows this unit conditions
             image = unit.image.to(sample.device).expand(len(index), -1, -1, -1)
+            # its own tokens' rows (guess mode: the conditional ones), else the prompt embeddings'
+            tokens = None if unit.tokens is None else unit.tokens[first - r.offset :].to(sample.device)
+            shape = None if tokens is None else tuple(tokens.shape[1:])
             # Units sharing a runner and a guess mode run as one call; each keeps its own rows.
-            calls.setdefault((id(unit.runner), unit.guess_mode, unit.pooled), (unit.runner, []))[1].append(
-                (index, image, torch.full((len(index),), scale), unit.mask)
+            key = (id(unit.runner), unit.guess_mode, unit.pooled, shape)
+            calls.setdefault(key, (unit.runner, []))[1].append(
+                (index, image, torch.full((len(index),), scale), unit.mask, tokens)
             )
     if not calls:
         return None
     total_residuals: dict[str, torch.Tensor] = {}
-    for (_, guess_mode, pooled), (runner, parts) in calls.items():
+    for (_, guess_mode, pooled, shape), (runner, parts) in calls.items():
         index = torch.cat([p[0] for p in parts])
+        # the key's shape: every part has its own tokens (InstantID) or none does
+        states = embeddings[index] if shape is None else torch.cat([p[4] for p in parts])
         out = runner.run(
             {
                 "sample": sample[index],
                 "timestep": timestep[index],
-                "encoder_hidden_states": embeddings[index],
+                "encoder_hidden_states": states,
                 "controlnet_cond": torch.cat([p[1] for p in parts]),
                 "conditioning_scale": torch.cat([p[2] for p in parts]),
                 **{name: value[index] for name, value in (extra or {}).items()},

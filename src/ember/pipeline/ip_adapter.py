@@ -41,6 +41,13 @@ and its `shortcut` from fal's image_projection_shortcut (v1: False, v2: True); b
 per-batch settings here, not module state left behind. A FaceID checkpoint's attention LoRA (to_*_lora) is
 loaded by diffusers' load_ip_adapter into the IP UNet copy only (peft layers over the shared weights).
 unconditional_noising_factor acts on the CLIP part of FaceID Plus only (a face embedding has no image).
+
+InstantID's adapter (InstantX/InstantID ip-adapter.bin) has IP-Adapter Plus's layout (a Resampler:
+image_proj.latents / proj_in / layers / proj_out / norm_out) whose proj_in takes the 512-d face embedding
+instead of CLIP hidden states. Such an adapter sent with insight_face_model_path runs on the face: its image
+embeds are the ArcFace embeddings as one token each, (rows, n, 1, 512), zeros for the unconditional rows
+(InstantID's pipeline: cat([zeros_like(emb), emb]) before the projection); no CLIP encoder runs for it.
+fal's controlnets[i].ip_adapter_index feeds its projected tokens to IdentityNet (ember.pipeline.instantid).
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ from ember.specs.sdxl import UNET as XL_UNET
 # Where InsightFace model pack .zips are unpacked, one directory per content sha256, under the model root
 # (beside the gateway's checkpoint store, which holds the .zips of pack URLs).
 PACK_CACHE = Path("checkpoints") / "insightface-packs"
+FACE_EMBEDDING = 512  # ArcFace's embedding width: what an InstantID-style Resampler's proj_in takes
 
 # MEDIA reader: (index, what) -> the array the gateway sent (lora_io.media_array bound to one request).
 MediaReader = Callable[[Any, str], np.ndarray]
@@ -113,6 +121,13 @@ class IPAdapterWeights:
     def uses_encoder(self) -> bool:
         """Whether the CLIP image encoder runs for it (all but plain FaceID)."""
         return self.face != "faceid"
+
+    @property
+    def face_resampler(self) -> bool:
+        """IP-Adapter Plus's Resampler taking 512-wide inputs: InstantID's adapter, run on the ArcFace
+        embedding when insight_face_model_path is given (module docstring)."""
+        proj = self.state["image_proj"]
+        return "latents" in proj and self.face is None and self.embed_width == FACE_EMBEDDING
 
     @property
     def cross_attention_dim(self) -> int | None:
@@ -191,6 +206,16 @@ class IPAdapterUnit:
     shortcut: bool = True  # FaceID Plus: fal's image_projection_shortcut (v1: False, v2: True)
 
     @property
+    def instantid(self) -> bool:
+        """InstantID's adapter on the face: a 512-wide Resampler with an InsightFace pack."""
+        return self.weights.face_resampler and self.face_pack is not None
+
+    @property
+    def uses_encoder(self) -> bool:
+        """Whether the CLIP image encoder runs for it (not for plain FaceID nor InstantID)."""
+        return self.weights.uses_encoder and not self.instantid
+
+    @property
     def scale_config(self) -> float | dict[str, Any]:
         return json.loads(self.scale_json) if self.scale_json is not None else self.scale
 
@@ -209,6 +234,7 @@ class IPAdapterRequest:
             self.image_encoder_weight_name,
             tuple(
                 (u.weights.digest, u.scale, u.scale_json, len(u.images), u.mask is not None, u.shortcut)
+                + ((True,) if u.instantid else ())  # face tokens (rows, n, 1, 512), not CLIP hidden states
                 for u in self.units
             ),
         )
@@ -325,6 +351,11 @@ def parse_ip_adapter_options(
         if not 0.0 <= noising <= 1.0:
             raise ValueError(f"{what}.unconditional_noising_factor must be from 0 to 1, not {noising}")
         pack = _face_pack(entry.get("insight_face"), media, root, f"{what}.insight_face_model_path")
+        if weights.face_resampler and pack is None:  # no CLIP image encoder has 512-wide hidden states
+            raise ValueError(
+                f"{what}.insight_face_model_path is required for this adapter: its Resampler takes 512-d "
+                "inputs, InstantID's ArcFace face embedding (e.g. the antelopev2 InsightFace model pack)"
+            )
         if weights.face is not None and pack is None:
             raise ValueError(
                 f"{what}.insight_face_model_path is required for this FaceID IP-Adapter: an InsightFace "
@@ -338,12 +369,12 @@ def parse_ip_adapter_options(
                 float(entry.get("scale", 1.0)),
                 None if scale_json is None else json.dumps(scale_json, sort_keys=True),
                 noising,
-                pack if weights.face is not None else None,
+                pack if weights.face is not None or weights.face_resampler else None,
                 bool(entry.get("shortcut", True)),
             )
         )
     encoder = options.get("image_encoder") or {}
-    if not any(u.weights.uses_encoder for u in units):
+    if not any(u.uses_encoder for u in units):
         directory = ""  # plain FaceID only: no CLIP image encoder runs
     elif encoder.get("path"):
         directory = _encoder_dir(encoder["path"], encoder.get("subfolder"), root, "image_encoder_path")
@@ -426,8 +457,10 @@ def _unet_spec(request: IPAdapterRequest, base: Any) -> Any:
     extra = []
     for i, u in enumerate(request.units):
         images = f"images_{i}"
-        if u.weights.face is not None:
-            axes: tuple[str, ...] = ("batch", images, "face_embedding")
+        if u.instantid:
+            axes: tuple[str, ...] = ("batch", images, "face_token", "face_embedding")
+        elif u.weights.face is not None:
+            axes = ("batch", images, "face_embedding")
         elif u.weights.plain:
             axes = ("batch", images, "projection")
         else:
@@ -623,12 +656,14 @@ class IPAdapterStage:
         for i, unit in enumerate(request.units):
             face = unit.weights.face
             images = unit.images
-            if face is not None:
+            if face is not None or unit.instantid:
                 embeds, images = self.faces(unit, i)  # (n, 512) face embeddings, the 224 aligned faces
-                zeros = torch.zeros_like(embeds)  # diffusers' FaceID recipe: zero unconditional embeds
+                if unit.instantid:  # one token per face for the Resampler's attention: (n, 1, 512)
+                    embeds = embeds[:, None]
+                zeros = torch.zeros_like(embeds)  # diffusers' FaceID recipe (and InstantID's): zero uncond
                 rows = [zeros[None]] * k + [embeds[None]] * k if do_cfg else [embeds[None]] * k
-                out[f"image_embeds_{i}"] = torch.cat(rows)  # (rows, n, 512)
-            if face != "faceid":  # plain FaceID runs no CLIP image encoder
+                out[f"image_embeds_{i}"] = torch.cat(rows)  # (rows, n, 512), InstantID (rows, n, 1, 512)
+            if unit.uses_encoder:  # plain FaceID and InstantID run no CLIP image encoder
                 if runner is None or processor is None:
                     raise ValueError(f"ip_adapter[{i}] needs a CLIP image encoder (image_encoder_path)")
                 # (rows, n, P) plain, (rows, n, T, Dv) Plus / Full Face / FaceID Plus's clip_embeds

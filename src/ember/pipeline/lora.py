@@ -26,6 +26,7 @@ from ember.pipeline.decode import to_uint8
 from ember.pipeline.guidance import uses_cfg
 from ember.pipeline.guided_denoise import GuidedSlot, guided_denoise, step_kwargs
 from ember.pipeline.ic_light import IcLightInput, IcLightStage
+from ember.pipeline.instantid import attach as attach_instantid
 from ember.pipeline.ip_adapter import IPAdapterRequest, IPAdapterStage
 from ember.pipeline.latents import initial_latents
 from ember.pipeline.lora_controlnets import ControlNetInput, ControlNets, check_controlnets
@@ -310,6 +311,8 @@ class LoraText2ImagePipeline:
         attach_stages: list[Callable[[list[GuidedSlot]], dict[int, str]]] = [
             lambda live: self.controlnets.attach(model, live, batch, *size, log),
             lambda live: self.ip_adapters.attach(live, batch, *size),
+            # InstantID: ControlNets with ip_adapter_index read that adapter's projected face tokens
+            lambda live: attach_instantid(self.ip_adapters, self.controlnets, model.unet, live, batch),
             lambda live: self.ic_light.attach(model, live, batch, *size),
         ]
         for attach in attach_stages:

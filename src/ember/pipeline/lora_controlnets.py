@@ -22,6 +22,9 @@ is particular to fal-ai/lora:
   has a ControlNet runs on it; requests without one get zero residuals, which leaves their result exact.
 - `mask_url`: the unit's residuals are confined to the mask's region at each residual's latent grid
   (ember.pipeline.controlnet.masked). diffusers has no such option; this is fal's documented meaning.
+- `ip_adapter_index` (InstantID's IdentityNet): the unit reads ip_adapter[k]'s projected image tokens as
+  its encoder_hidden_states instead of the prompt (ember.pipeline.instantid, attached after the IP-Adapter
+  stage has the request's image embeds).
 """
 
 from __future__ import annotations
@@ -98,6 +101,8 @@ class ControlNetInput:
     conditioning_scale: float = 1.0
     start: float = 0.0  # start_percentage: fraction of the schedule
     end: float = 1.0  # end_percentage
+    # InstantID: condition on ip_adapter[k]'s projected image tokens instead of the prompt (instantid.py)
+    ip_adapter_index: int | None = None
 
 
 def check_controlnets(controlnets: Sequence[ControlNetInput]) -> list[str]:
@@ -134,6 +139,8 @@ def check_controlnets(controlnets: Sequence[ControlNetInput]) -> list[str]:
             problems.append(
                 f"{at}: start_percentage ({c.start}) must be below end_percentage ({c.end}), both from 0 to 1"
             )
+        if c.ip_adapter_index is not None and c.ip_adapter_index < 0:
+            problems.append(f"{at}.ip_adapter_index must be 0 or more, not {c.ip_adapter_index}")
     return problems
 
 
@@ -165,6 +172,9 @@ def parse_controlnets(
                 )
             config = text
         mask = entry.get("mask")
+        index = entry.get("ip_adapter_index")
+        if index is not None and (isinstance(index, bool) or not isinstance(index, int)):
+            raise ValueError(f"{at}.ip_adapter_index must be an integer index into ip_adapter, not {index!r}")
         out.append(
             ControlNetInput(
                 ref=ControlNetRef(source, entry.get("variant") or None, config),
@@ -173,6 +183,7 @@ def parse_controlnets(
                 conditioning_scale=float(entry.get("conditioning_scale", 1.0)),
                 start=float(entry.get("start_percentage", 0.0)),
                 end=float(entry.get("end_percentage", 1.0)),
+                ip_adapter_index=index,
             )
         )
     return tuple(out)

@@ -9,6 +9,8 @@ a file with its config.json (fetched here, at most 64 KiB, sent in OPTIONS as "c
 Triton side takes the built-in full-size config of the weights' family (SD1.5 / SDXL ControlNet) and says
 to send config_url when they do not fit. An HF id or a directory carries its own config.json, so
 config_url is refused beside one (and `variant`, a file inside a directory, beside a single file).
+`ip_adapter_index` (InstantID's IdentityNet: the ControlNet reads ip_adapter[k]'s projected face tokens
+instead of the prompt, ember.pipeline.instantid) must index the request's ip_adapter list; sent as is.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from ember.endpoints.base import MediaLoader
 from ember.endpoints.common import InputError, check_url
 from ember.endpoints.lora.schema import LoraInput
 
-_NOT_YET = "is not supported yet by this server"
 _URL = ("http://", "https://", "data:")
 # diffusion_pytorch_model.<variant>.safetensors: a plain word, nothing path-like.
 _VARIANT = re.compile(r"[A-Za-z0-9_-]{1,32}")
@@ -57,11 +58,11 @@ def check_controlnets(inp: LoraInput, root: Path, check_path: Callable[..., None
                 "variant picks a weights file inside a ControlNet directory; a single-file path is that "
                 "file already: leave variant out",
             )
-        if c.ip_adapter_index is not None:
+        if c.ip_adapter_index is not None and not 0 <= c.ip_adapter_index < len(inp.ip_adapter):
             raise InputError(
                 (*loc, "ip_adapter_index"),
-                f"InstantID ControlNets (ip_adapter_index) {_NOT_YET}",
-                "not_supported",
+                f"{c.ip_adapter_index} must index the request's ip_adapter list ({len(inp.ip_adapter)} "
+                "adapter(s)): an InstantID ControlNet reads the face tokens of the IP-Adapter it names",
             )
         if c.variant is not None and not _VARIANT.fullmatch(c.variant):
             raise InputError((*loc, "variant"), "must be a weights variant name such as 'fp16'")
@@ -97,6 +98,7 @@ async def load_controlnets(
             "conditioning_scale": c.conditioning_scale,
             "start_percentage": c.start_percentage,
             "end_percentage": c.end_percentage,
+            "ip_adapter_index": c.ip_adapter_index,
         }
         if c.mask_url is not None:
             mask = await media.image(c.mask_url, (*loc, "mask_url"), mode="L")
