@@ -4,6 +4,7 @@ header-only safetensors checks, family detection by tensor names, and the built-
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import re
@@ -45,13 +46,25 @@ def _checkpoint(names: tuple[str, ...], fill: float = 0.0) -> bytes:
 
 class _Handler(BaseHTTPRequestHandler):
     routes: ClassVar[dict[str, bytes]] = {}
+    bodies_sent: ClassVar[dict[str, int]] = {}  # path -> full answers (200 with the body)
 
     def do_GET(self) -> None:
         body = self.routes.get(self.path)
+        # paths under /validated/ answer with an ETag and honour If-None-Match, as CDNs and the HF hub do
+        etag = f'"{hashlib.sha256(body).hexdigest()[:16]}"' if body is not None else None
+        if self.path.startswith("/validated/") and etag and self.headers.get("If-None-Match") == etag:
+            self.send_response(304)
+            self.send_header("ETag", etag)
+            self.end_headers()
+            return
         self.send_response(200 if body is not None else 404)
+        if self.path.startswith("/validated/") and etag:
+            self.send_header("ETag", etag)
         self.send_header("Content-Length", str(len(body or b"")))
         self.end_headers()
         self.wfile.write(body or b"")
+        if body is not None:
+            self.bodies_sent[self.path] = self.bodies_sent.get(self.path, 0) + 1
 
     def log_message(self, *args: object) -> None:
         pass
@@ -235,3 +248,28 @@ async def test_model_pack_zips_are_streamed_to_the_store(server: str, tmp_path: 
     with pytest.raises(InputError, match="does not hold a .zip"):
         await cache.fetch(f"{server}/not-a-zip.zip", LOC, kind="pack")
     assert sorted(p.name for p in tmp_path.iterdir()) == [stored.name]  # nothing half-written left
+
+
+async def test_unchanged_urls_are_not_downloaded_again(server: str, tmp_path: Path) -> None:
+    """A URL whose last answer carried an ETag is asked for conditionally: a 304 reuses the stored file (no
+    byte moves); changed content is downloaded and stored under its new digest; a stored copy that was
+    removed is fetched in full again; a server without validators is downloaded every time."""
+    sd15, other = _checkpoint(SD15_NAMES), _checkpoint(SD15_NAMES, 2.0)
+    _Handler.routes.update({"/validated/model.safetensors": sd15, "/plain/model.safetensors": sd15})
+    _Handler.bodies_sent.clear()
+    cache = _cache(tmp_path)
+    url = f"{server}/validated/model.safetensors"
+    first = await cache.fetch(url, LOC)
+    assert await cache.fetch(url, LOC) == first
+    assert _Handler.bodies_sent["/validated/model.safetensors"] == 1  # the second answer was a 304
+    _Handler.routes["/validated/model.safetensors"] = other  # the content behind the URL changes
+    changed = await cache.fetch(url, LOC)
+    assert changed != first and changed.read_bytes() == other
+    assert _Handler.bodies_sent["/validated/model.safetensors"] == 2
+    changed.unlink()
+    assert (await cache.fetch(url, LOC)).read_bytes() == other  # re-fetched in full
+    assert _Handler.bodies_sent["/validated/model.safetensors"] == 3
+    for _ in range(2):
+        await cache.fetch(f"{server}/plain/model.safetensors", LOC)
+    assert _Handler.bodies_sent["/plain/model.safetensors"] == 2
+    assert not list(tmp_path.glob(".partial-*"))

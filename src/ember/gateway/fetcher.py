@@ -59,6 +59,10 @@ class Fetched:
     data: bytes
     content_type: str
     url: str  # the final URL after redirects (data: URIs: "data:")
+    # HTTP validators of the response, for conditional re-fetches (If-None-Match / If-Modified-Since)
+    etag: str | None = None
+    last_modified: str | None = None
+    not_modified: bool = False  # a conditional GET answered 304: nothing was sent to the sink
 
 
 @dataclass(frozen=True)
@@ -150,36 +154,59 @@ class Fetcher:
         return await self._get(url, limit, self.policy.timeout_s, None)
 
     async def stream(
-        self, url: str, sink: Callable[[bytes], None], *, max_bytes: int, timeout_s: float
+        self,
+        url: str,
+        sink: Callable[[bytes], None],
+        *,
+        max_bytes: int,
+        timeout_s: float,
+        etag: str | None = None,
+        last_modified: str | None = None,
     ) -> Fetched:
         """GET `url` (or a data: URI) chunk by chunk into `sink`, never holding it whole (model checkpoints
         of several GB), under the same address rules; `max_bytes` and `timeout_s` replace the policy's.
-        The returned Fetched carries no data."""
+        `etag` / `last_modified`: the validators of a copy the caller holds, sent as If-None-Match /
+        If-Modified-Since; a 304 answer comes back as `not_modified` with nothing sent to the sink.
+        The returned Fetched carries no data, and the response's validators."""
         if url.startswith("data:"):
             fetched = parse_data_uri(url, max_bytes)
             sink(fetched.data)
             return Fetched(b"", fetched.content_type, fetched.url)
-        return await self._get(url, max_bytes, timeout_s, sink)
+        conditions = {
+            name: value
+            for name, value in (("If-None-Match", etag), ("If-Modified-Since", last_modified))
+            if value is not None
+        }
+        return await self._get(url, max_bytes, timeout_s, sink, conditions)
 
     async def _get(
-        self, url: str, limit: int, timeout_s: float, sink: Callable[[bytes], None] | None
+        self,
+        url: str,
+        limit: int,
+        timeout_s: float,
+        sink: Callable[[bytes], None] | None,
+        headers: dict[str, str] | None = None,
     ) -> Fetched:
         deadline = time.monotonic() + timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 for _ in range(self.policy.max_redirects + 1):
-                    status, location, content_type, data = await self._send_once(
-                        "GET", url, deadline, limit, sink=sink
-                    )
+                    response = await self._send_once("GET", url, deadline, limit, headers=headers, sink=sink)
+                    status, location, content_type, data, validators = response
                     if status in (301, 302, 303, 307, 308) and location:
                         url = urljoin(url, location)
                         continue
                     if status >= 400:
                         raise FetchError(f"fetching {shown(url)} answered HTTP {status}", "url_fetch_error")
-                    return Fetched(data, content_type, url)
+                    etag, last_modified = validators
+                    return Fetched(data, content_type, url, etag, last_modified, not_modified=status == 304)
         except TimeoutError as exc:
-            raise FetchError(f"fetching {shown(url)} took longer than {timeout_s:.0f} s", "url_timeout") from exc
-        raise FetchError(f"more than {self.policy.max_redirects} redirects from {shown(url)}", "url_fetch_error")
+            raise FetchError(
+                f"fetching {shown(url)} took longer than {timeout_s:.0f} s", "url_timeout"
+            ) from exc
+        raise FetchError(
+            f"more than {self.policy.max_redirects} redirects from {shown(url)}", "url_fetch_error"
+        )
 
     async def post(self, url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> int:
         """POST `body` to `url` under the same address rules (webhooks); no redirects followed.
@@ -187,7 +214,7 @@ class Fetcher:
         deadline = time.monotonic() + timeout_s
         try:
             async with asyncio.timeout(timeout_s):
-                status, _, _, _ = await self._send_once("POST", url, deadline, 64 * 1024, body, headers)
+                status, *_ = await self._send_once("POST", url, deadline, 64 * 1024, body, headers)
         except TimeoutError as exc:
             raise FetchError(f"{shown(url)} did not answer within {timeout_s:g} s", "url_timeout") from exc
         return status
@@ -202,7 +229,9 @@ class Fetcher:
                 infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except socket.gaierror as exc:
                 raise FetchError(f"cannot resolve host {host!r}", "url_fetch_error") from exc
-            addresses = list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
+            addresses = list(
+                dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos)
+            )
         if not addresses:
             raise FetchError(f"cannot resolve host {host!r}", "url_fetch_error")
         if self.policy.host_allowed(host):
@@ -216,9 +245,17 @@ class Fetcher:
         return addresses
 
     async def _send_once(
-        self, method: str, url: str, deadline: float, max_bytes: int, body: bytes | None = None,
-        headers: dict[str, str] | None = None, sink: Callable[[bytes], None] | None = None,
-    ) -> tuple[int, str | None, str, bytes]:
+        self,
+        method: str,
+        url: str,
+        deadline: float,
+        max_bytes: int,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        sink: Callable[[bytes], None] | None = None,
+    ) -> tuple[int, str | None, str, bytes, tuple[str | None, str | None]]:
+        """(status, redirect location, content type, body (empty when streamed to `sink`), (ETag,
+        Last-Modified))."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise FetchError(
@@ -254,12 +291,15 @@ class Fetcher:
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            raise FetchError(f"could not fetch {shown(url)}: {type(exc).__name__}", "url_fetch_error") from exc
+            raise FetchError(
+                f"could not fetch {shown(url)}: {type(exc).__name__}", "url_fetch_error"
+            ) from exc
         try:
+            validators = (response.headers.get("etag"), response.headers.get("last-modified"))
             if response.is_redirect:
-                return response.status_code, response.headers.get("location"), "", b""
-            if method != "GET":  # a webhook: only the status matters
-                return response.status_code, None, "", b""
+                return response.status_code, response.headers.get("location"), "", b"", validators
+            if method != "GET" or response.status_code == 304:  # a webhook, or the caller's copy is current
+                return response.status_code, None, "", b"", validators
             length = response.headers.get("content-length")
             if length and length.isdigit() and int(length) > max_bytes:
                 raise FetchError(f"{shown(url)} is larger than {max_bytes} bytes", "file_too_large")
@@ -273,8 +313,10 @@ class Fetcher:
                 else:
                     chunks.append(chunk)
             content_type = response.headers.get("content-type", "application/octet-stream").split(";")[0]
-            return response.status_code, None, content_type.strip(), b"".join(chunks)
+            return response.status_code, None, content_type.strip(), b"".join(chunks), validators
         except httpx.HTTPError as exc:
-            raise FetchError(f"could not fetch {shown(url)}: {type(exc).__name__}", "url_fetch_error") from exc
+            raise FetchError(
+                f"could not fetch {shown(url)}: {type(exc).__name__}", "url_fetch_error"
+            ) from exc
         finally:
             await response.aclose()
