@@ -71,6 +71,20 @@ def _load_text_encoder(
     return ClipSkipTextEncoder(model.eval())
 
 
+def load_base_unet(
+    source: str, revision: str | None, dtype: torch.dtype, variant: str | None, unet_source: str | None
+) -> UNet2DConditionModel:
+    """The base model's UNet (`source`/unet), or `unet_source`: a custom UNet (unet_name), a repo/directory
+    holding the UNet itself (config.json at its root). SD1.5 and SDXL bases alike."""
+    if unet_source:
+        unet = UNet2DConditionModel.from_pretrained(unet_source, dtype=dtype, variant=variant)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", revision=revision, dtype=dtype, variant=variant
+        )
+    return unet.eval()
+
+
 def _load_unet(
     source: str,
     revision: str | None,
@@ -78,13 +92,7 @@ def _load_unet(
     variant: str | None = None,
     unet_source: str | None = None,
 ) -> nn.Module:
-    if unet_source:  # a custom U-Net: a repo/directory holding the UNet itself (config.json at its root)
-        unet = UNet2DConditionModel.from_pretrained(unet_source, dtype=dtype, variant=variant)
-    else:
-        unet = UNet2DConditionModel.from_pretrained(
-            source, subfolder="unet", revision=revision, dtype=dtype, variant=variant
-        )
-    return SdUNet(unet.eval())
+    return SdUNet(load_base_unet(source, revision, dtype, variant, unet_source))
 
 
 def _text_skip_dims(config: Mapping[str, Any]) -> dict[str, int]:

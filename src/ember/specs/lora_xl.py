@@ -26,7 +26,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from ember.specs.base import NetworkSpec, TensorSpec
-from ember.specs.lora import UNET_TRACE_DIMS, UNET_VERIFY_DIMS
+from ember.specs.lora import UNET_TRACE_DIMS, UNET_VERIFY_DIMS, load_base_unet
 from ember.specs.sd15 import TEXT_LENGTH, VAE_DECODER, _image_dims, _load_vae_decoder, _sample
 from ember.specs.sdxl import UNET as SDXL_UNET
 from ember.specs.sdxl import XLUNet, _load_xl_unet, _unet_dims
@@ -99,20 +99,13 @@ def _load_unet(
 ):
     if variant is None and unet_source is None:
         return XLUNet(_load_xl_unet(source, revision, dtype))
-    from diffusers import UNet2DConditionModel
-
-    if unet_source:  # unet_name: a UNet directory of its own (config.json at its root)
-        unet = UNet2DConditionModel.from_pretrained(unet_source, dtype=dtype, variant=variant)
-    else:
-        unet = UNet2DConditionModel.from_pretrained(
-            source, subfolder="unet", revision=revision, dtype=dtype, variant=variant
-        )
+    unet = load_base_unet(source, revision, dtype, variant, unet_source)  # unet_name: a UNet of its own
     if unet.config.addition_embed_type != "text_time":
         raise ValueError(
             f"{unet_source or source} has no SDXL UNet (addition_embed_type "
             f"{unet.config.addition_embed_type!r})"
         )
-    return XLUNet(unet.eval())
+    return XLUNet(unet)
 
 
 def _load_vae(source: str, revision: str | None, dtype: torch.dtype, variant: str | None = None):
