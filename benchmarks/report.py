@@ -14,8 +14,26 @@ PATH_LABELS = {
 }
 
 
+def _gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f} GiB"
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
+
+
+def _request_line(request: dict[str, Any]) -> str:
+    """A line like `1024x1024, 35 steps, guidance 4.5, scheduler DPM-SOLVER` from the request as parsed."""
+    r = dict(request.get("resolved", {}))
+    parts = []
+    if "width" in r and "height" in r:
+        parts.append(f"{r.pop('width')}x{r.pop('height')}")
+    if "num_inference_steps" in r:
+        parts.append(f"{r.pop('num_inference_steps')} steps")
+    if "guidance_scale" in r:
+        parts.append(f"guidance {r.pop('guidance_scale')}")
+    parts += [f"{k} {v}" for k, v in r.items() if v not in (None, False, "", 0)]
+    return ", ".join(parts) + " (fal's defaults but for the preset's `arguments`)."
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -31,18 +49,49 @@ def markdown(report: dict[str, Any]) -> str:
             "(other processes share this machine: compare ratios measured in this run, not absolute times)."
         ),
         "",
-        (
-            f"Request: {s['endpoint']} `{s['weights']}` weights, {s['width']}x{s['height']}, "
-            f"{s['num_inference_steps']} steps, guidance {s['guidance_scale']}, {s['num_images']} image(s)."
-        ),
+        f"Request: {s['endpoint']} `{s['weights']}` weights, " + _request_line(report.get("request", {})),
         "",
+        *(
+            [f"Preset overrides for this run: {', '.join(f'`{o}`' for o in s['overrides'])}.", ""]
+            if s.get("overrides")
+            else []
+        ),
     ]
     if report.get("latency"):
-        lines += ["## Latency", "", "| path | p50 ms | p95 ms | n |", "|---|---:|---:|---:|"]
+        lines += [
+            "## Latency",
+            "",
+            "| path | p50 ms | p95 ms | n | peak GPU memory |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for name, v in report["latency"].items():
+            memory = _gib(v.get("peak_gpu_memory_bytes"))
             lines.append(
-                f"| {PATH_LABELS.get(name, name)} | {_ms(v['p50_s'])} | {_ms(v['p95_s'])} | {v['n']} |"
+                f"| {PATH_LABELS.get(name, name)} | {_ms(v['p50_s'])} | {_ms(v['p95_s'])} | {v['n']} | {memory} |"
             )
+        if report.get("triton_gpu_memory_bytes") is not None:
+            lines.append(
+                f"\nTriton's GPU memory in use after the throughput run: {_gib(report['triton_gpu_memory_bytes'])}."
+            )
+        lines.append("")
+    if report.get("agreement"):
+        lines += [
+            "## Same work on every path",
+            "",
+            "One seed's image from each path against the in-process pipeline's (8-bit levels):",
+            "",
+            "| path | max | mean |",
+            "|---|---:|---:|",
+        ]
+        for name, v in report["agreement"].items():
+            if "max_levels" in v:
+                lines.append(
+                    f"| {PATH_LABELS.get(name, name)} | {v['max_levels']} | {v['mean_levels']:.3f} |"
+                )
+            else:
+                lines.append(
+                    f"| {PATH_LABELS.get(name, name)} | shape {v['shape']} vs {v['expected_shape']} | - |"
+                )
         lines.append("")
     if report.get("ratios"):
         lines += ["## Targets", "", "| ratio | measured | target | met |", "|---|---:|---|---|"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
 import json
 import os
@@ -43,6 +44,28 @@ def load_preset(name: str) -> dict[str, Any]:
     values = {k: v for k, v in runpy.run_path(str(path)).items() if not k.startswith("_")}
     values["name"] = path.stem
     return values
+
+
+def override(preset: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """The preset with `KEY=VALUE` assignments applied (VALUE parsed as JSON, else taken as a string)."""
+    preset = {**preset, "arguments": dict(preset["arguments"]), "overrides": list(assignments)}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {assignment!r}: expected KEY=VALUE")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        if isinstance(value, list):
+            value = tuple(value)
+        if key.startswith("arguments."):
+            preset["arguments"][key.removeprefix("arguments.")] = value
+        elif key in preset:
+            preset[key] = value
+        else:
+            raise SystemExit(f"--set {key}: the preset has no such value; known: {sorted(preset)}")
+    return preset
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -85,8 +108,36 @@ def _triton_client() -> Any:
     return module
 
 
+def _log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _never() -> bool:
+    return False
+
+
+def _ignore(*args: Any) -> None:
+    return None
+
+
+def _request_summary(item: Any) -> dict[str, Any]:
+    """The resolved request's plain fields (size, steps, guidance, scheduler...), for the report."""
+    plain = (int, float, str, bool, type(None))
+    return {
+        f.name: getattr(item, f.name)
+        for f in dataclasses.fields(item)
+        if isinstance(getattr(item, f.name), plain) and f.name not in ("prompt", "negative_prompt", "seed")
+    }
+
+
 class Paths:
-    """The request paths being compared, each a zero-argument callable that runs one request."""
+    """The request paths being compared, each a callable(seed) that runs one request.
+
+    Every path runs the same fal request (the preset's `arguments`, fal's defaults for the rest): the gateway
+    path sends it with the official fal client; the others take the Triton tensors the gateway's translation
+    builds from it (`Endpoint.to_triton`): sent over gRPC by client/triton_grpc.py (`triton_grpc`), or parsed
+    and run in this process by the very EndpointModel the Triton model builds (`in_process`). The diffusers
+    baseline runs the parsed request (benchmarks/baselines.py)."""
 
     def __init__(self, preset: dict[str, Any], var_dir: Path):
         self.preset = preset
@@ -94,22 +145,27 @@ class Paths:
         self.stack: Any = None
         self.env: dict[str, str] = {}
         self.calls: dict[str, Callable[[int], Any]] = {}
+        self.model: Any = None
 
-    def request(self, seed: int) -> Any:
-        from ember.pipeline.requests import Text2ImageRequest
+    def tensors(self, seed: int) -> dict[str, Any]:
+        """The Triton model's input tensors for the preset's request with this seed."""
+        return self.endpoint.to_triton(self.inp, seed, self.loaded)
 
-        p = self.preset
-        return Text2ImageRequest(
-            prompt=p["prompt"],
-            seed=seed,
-            num_images=p["num_images"],
-            width=p["width"],
-            height=p["height"],
-            num_inference_steps=p["num_inference_steps"],
-            guidance_scale=p["guidance_scale"],
-        )
+    def item(self, seed: int) -> Any:
+        """The request as the Triton model parses it (needs self.model)."""
+        return self.model.parse(self.tensors(seed), self.model.defaults, _never)
+
+    def run_items(self, items: list[Any]) -> list[Any]:
+        """One call of the endpoint's pipeline, as the Triton model makes it; a refused request raises."""
+        extra = () if self.model.log_arrays is None else (_ignore,)
+        results = self.model.pipeline(items, _ignore, *extra)
+        for result in results:
+            if getattr(result, "error", None):
+                raise RuntimeError(f"{self.endpoint.endpoint_id}: {result.error}")
+        return results
 
     def open(self) -> None:
+        from ember.endpoints.registry import ENDPOINTS
         from ember.settings import load_settings
 
         wanted = self.preset["paths"]
@@ -133,17 +189,34 @@ class Paths:
         }
         settings = load_settings(self.env, dotenv=Path("/nonexistent"))
         self.settings = settings
-        if "in_process" in wanted or "batch_gain_at" in self.preset:
-            from ember.pipeline import load_lcm_pipeline
-
-            self.pipeline = load_lcm_pipeline(settings)
-            self.calls["in_process"] = lambda seed: self.pipeline([self.request(seed)])
-        if "diffusers" in wanted:
-            self.calls["diffusers"] = self._diffusers()
+        self.metrics_url = f"http://127.0.0.1:{t_metrics}/metrics"
+        self.endpoint = ENDPOINTS[self.preset["endpoint"]]
         if needs_stack:
-            from ember.serve import Stack, build_artifacts
+            from ember.serve import build_artifacts
 
             build_artifacts(settings, progress=False)
+        prepare = self.preset.get("prepare")
+        self.arguments = dict(self.preset["arguments"])
+        if prepare is not None:  # e.g. a base model for fal-ai/lora, a control image for illusion-diffusion
+            self.arguments = prepare(settings, self.arguments)
+        self.inp = self.endpoint.input_model(**self.arguments)
+        self.loaded = asyncio.run(_load(self.endpoint, self.inp, var_dir=self.var_dir))
+        if any(p in wanted for p in ("in_process", "diffusers")) or "batch_gain_at" in self.preset:
+            from ember.pipeline.serving_models import endpoint_model
+
+            self.model = endpoint_model(self.endpoint.triton_model, settings)
+            self.request = _request_summary(self.item(self.preset["seed"]))
+        if "in_process" in wanted:
+            self.calls["in_process"] = lambda seed: self.run_items([self.item(seed)])
+        if "diffusers" in wanted:
+            from benchmarks.baselines import baseline
+
+            self.diffusers_pipe, self.calls["diffusers"] = baseline(
+                self.endpoint.endpoint_id, settings, self.item(self.preset["seed"])
+            )
+        if needs_stack:
+            from ember.serve import Stack
+
             self.stack = Stack(settings, env=self.env)
             self.stack.start(timeout=600)
             if "gateway" in wanted:
@@ -151,33 +224,6 @@ class Paths:
             self.triton = _triton_client()
             if "triton_grpc" in wanted:
                 self.calls["triton_grpc"] = lambda seed: asyncio.run(self.grpc(seed))
-
-    def _diffusers(self) -> Callable[[int], Any]:
-        """The baseline: diffusers' LatentConsistencyModelPipeline, eager torch, on the same weights."""
-        import torch
-        from diffusers import LatentConsistencyModelPipeline
-
-        source = self.settings.model_source("lcm", "sdv1-5")
-        pipe = LatentConsistencyModelPipeline.from_pretrained(
-            source, safety_checker=None, requires_safety_checker=False, dtype=torch.float32
-        )
-        pipe.set_progress_bar_config(disable=True)
-        self.diffusers_pipe = pipe
-        p = self.preset
-
-        def call(seed: int) -> Any:
-            return pipe(
-                p["prompt"],
-                num_inference_steps=p["num_inference_steps"],
-                guidance_scale=p["guidance_scale"],
-                width=p["width"],
-                height=p["height"],
-                num_images_per_prompt=p["num_images"],
-                generator=torch.Generator("cpu").manual_seed(seed),
-                output_type="np",
-            )
-
-        return call
 
     def _fal_client(self) -> Callable[[int], Any]:
         """fal_client.run against the gateway's run host: the official client reads its hosts at import."""
@@ -187,45 +233,80 @@ class Paths:
         import fal_client
 
         client = fal_client.SyncClient(key=self.stack.api_key())
-        p = self.preset
-        arguments = {
-            "prompt": p["prompt"],
-            "num_inference_steps": p["num_inference_steps"],
-            "guidance_scale": p["guidance_scale"],
-            "num_images": p["num_images"],
-            "image_size": {"width": p["width"], "height": p["height"]},
-            "enable_safety_checks": False,
-        }
-        return lambda seed: client.run(p["endpoint"], arguments={**arguments, "seed": seed})
+        endpoint_id = self.endpoint.endpoint_id
+        return lambda seed: client.run(endpoint_id, arguments={**self.arguments, "seed": seed})
 
     async def grpc(self, seed: int) -> Any:
-        p = self.preset
-        return await self.triton.generate(
-            self.env["EMBER_TRITON_GRPC_URL"],
-            p["prompt"],
-            seed,
-            p["num_inference_steps"],
-            p["width"],
-            p["height"],
+        return await self.triton.infer(
+            self.env["EMBER_TRITON_GRPC_URL"], self.endpoint.triton_model, self.tensors(seed), f"bench-{seed}"
         )
+
+    def triton_gpu_memory(self) -> int | None:
+        """Bytes of GPU memory in use as Triton's metrics report it (None without a GPU or a stack)."""
+        if self.stack is None:
+            return None
+        import httpx
+
+        try:
+            text = httpx.get(self.metrics_url, timeout=5).text
+        except httpx.HTTPError:
+            return None
+        used = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("nv_gpu_memory_used_bytes")
+        ]
+        return int(sum(used)) if used else None
 
     def close(self) -> None:
         if self.stack is not None:
             self.stack.stop()
 
 
+async def _load(endpoint: Any, inp: Any, var_dir: Path) -> Any:
+    """What the endpoint fetches by URL before translating (images, weight files), through the gateway's own
+    loader and SSRF-safe fetcher: presets pass data: URIs or public URLs."""
+    from ember.gateway.fetcher import Fetcher
+    from ember.gateway.files import FileStore
+    from ember.gateway.inputs import GatewayMedia
+
+    fetcher = Fetcher()
+    try:
+        files = FileStore(var_dir / "bench-files", "http://127.0.0.1/files")
+        media = GatewayMedia(fetcher, files, (), max_image_bytes=50 * 2**20, max_weights_bytes=2**31)
+        return await endpoint.load(inp, media)
+    finally:
+        await fetcher.close()
+
+
 def measure_latency(paths: Paths, preset: dict[str, Any]) -> dict[str, Any]:
+    """p50/p95 per path; on a GPU also each in-process path's peak memory (torch.cuda.max_memory_allocated
+    around its own calls: the ember pipeline and the diffusers baseline share this process)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
     names = [n for n in preset["paths"] if n in paths.calls]
     for name in names:
         for i in range(preset["warmup"]):
             paths.calls[name](1000 + i)
     times: dict[str, list[float]] = {n: [] for n in names}
+    peaks: dict[str, int] = dict.fromkeys(names, 0)
     for round_ in range(preset["repeats"]):  # interleaved: one request per path per round
+        _log(f"latency round {round_ + 1}/{preset['repeats']}: {', '.join(names)}")
         for name in names:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             paths.calls[name](preset["seed"] + round_)
             times[name].append(time.perf_counter() - start)
-    return {name: summarize(t) for name, t in times.items()}
+            if cuda:
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated())
+    out = {name: summarize(t) for name, t in times.items()}
+    if cuda:
+        for name in ("in_process", "diffusers"):
+            if name in out:
+                out[name]["peak_gpu_memory_bytes"] = peaks[name]
+    return out
 
 
 async def _concurrent(paths: Paths, concurrency: int, total: int) -> float:
@@ -248,28 +329,69 @@ def measure_throughput(paths: Paths, preset: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for c in preset["concurrency"]:
         total = c * preset["rounds"]
+        _log(f"throughput at concurrency {c}: {total} requests after {c} untimed")
         asyncio.run(_concurrent(paths, c, c))  # warm the batch shapes of this concurrency
         seconds = asyncio.run(_concurrent(paths, c, total))
         out[str(c)] = {
             "requests": total,
             "seconds": seconds,
-            "images_per_s": total * preset["num_images"] / seconds,
+            "images_per_s": total * getattr(paths.inp, "num_images", 1) / seconds,
         }
+    return out
+
+
+def first_image(path: str, output: Any) -> Any:
+    """The first image a path returned, as (H, W, 3) uint8 numpy."""
+    import numpy as np
+
+    if path == "in_process":
+        result = output[0]
+        image = result.images[0] if hasattr(result, "images") else result.image
+        return image.numpy()
+    if path == "triton_grpc":
+        images = output["outputs"]["IMAGES"]
+        return images.reshape(-1, *images.shape[-3:])[0]
+    if path == "diffusers":
+        images = np.asarray(output.images)
+        return np.round(images[0] * 255).astype(np.uint8)
+    raise ValueError(path)
+
+
+def measure_agreement(paths: Paths, preset: dict[str, Any]) -> dict[str, Any]:
+    """That every path does the same work: one seed's first image from each path, against the in-process
+    pipeline's, in 8-bit levels (max and mean absolute difference). Triton runs the same code on the same
+    tensors (expect 0); diffusers is the parity reference (expect 0 on torch, about 1 on ONNX Runtime)."""
+    import numpy as np
+
+    if "in_process" not in paths.calls:
+        return {}
+    seed = preset["seed"]
+    reference = first_image("in_process", paths.calls["in_process"](seed)).astype(np.int16)
+    out = {}
+    for name in ("triton_grpc", "diffusers"):
+        if name in paths.calls:
+            image = first_image(name, paths.calls[name](seed)).astype(np.int16)
+            if image.shape != reference.shape:
+                out[name] = {"shape": list(image.shape), "expected_shape": list(reference.shape)}
+                continue
+            diff = np.abs(image - reference)
+            out[name] = {"max_levels": int(diff.max()), "mean_levels": float(diff.mean())}
     return out
 
 
 def measure_batch_gain(paths: Paths, preset: dict[str, Any]) -> dict[str, Any]:
     """In process, no server: one pipeline call of n requests vs n calls of one (same seeds)."""
     n = preset["batch_gain_at"]
-    requests = [paths.request(9000 + i) for i in range(n)]
-    paths.pipeline(requests[:1])  # warm-up
-    paths.pipeline(requests)
+    _log(f"in-process batching: {n} requests one by one, then as one batch")
+    requests = [paths.item(9000 + i) for i in range(n)]
+    paths.run_items(requests[:1])  # warm-up
+    paths.run_items(requests)
     start = time.perf_counter()
     for r in requests:
-        paths.pipeline([r])
+        paths.run_items([r])
     singles = time.perf_counter() - start
     start = time.perf_counter()
-    paths.pipeline(requests)
+    paths.run_items(requests)
     batched = time.perf_counter() - start
     return {"requests": n, "sequential_s": singles, "batched_s": batched, "gain": singles / batched}
 
@@ -326,16 +448,22 @@ def run(preset: dict[str, Any], out_dir: Path, var_dir: Path) -> dict[str, Any]:
         "preset": preset["name"],
         "started": started,
         "machine": machine(),
-        "settings": {k: v for k, v in preset.items() if k != "name"},
+        "settings": {k: v for k, v in preset.items() if k != "name" and not callable(v)},
     }
     paths = Paths(preset, var_dir)
     try:
+        _log(f"{preset['name']}: loading the paths {', '.join(preset['paths'])}")
         paths.open()
         report["latency"] = measure_latency(paths, preset)
+        report["agreement"] = measure_agreement(paths, preset)
         report["throughput"] = measure_throughput(paths, preset)
         if "batch_gain_at" in preset:
             report["batch_gain"] = measure_batch_gain(paths, preset)
         report["flops"] = count_pipeline_flops(paths, preset)
+        report["request"] = {"arguments": paths.arguments, "resolved": getattr(paths, "request", {})}
+        memory = paths.triton_gpu_memory()
+        if memory is not None:  # after the throughput run: what Triton's models hold at their peak batch
+            report["triton_gpu_memory_bytes"] = memory
     finally:
         paths.close()
     if preset.get("ort_vs_torch"):
@@ -395,8 +523,16 @@ def main(argv: list[str] | None = None) -> None:
         help="models, exports and server state (default: a temp dir "
         "for servers + var/ for the cached full-size UNet)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a preset value (VALUE in JSON, else a string); arguments.FIELD sets one fal input, "
+        "e.g. --set repeats=3 --set arguments.image_size='\"square\"'. The report lists the overrides.",
+    )
     args = parser.parse_args(argv)
-    preset = load_preset(args.preset)
+    preset = override(load_preset(args.preset), args.set)
     var_dir = args.var_dir or Path(tempfile.mkdtemp(prefix="ember-bench-"))
     if args.var_dir is None:  # the full-size UNet and its export are worth keeping between runs
         (var_dir / "bench").symlink_to((REPO / "var" / "bench").resolve(), target_is_directory=True)

@@ -1,4 +1,4 @@
-"""Call the `lcm` Triton model directly over gRPC, without the gateway.
+"""Call the Triton models directly over gRPC, without the gateway (`generate`: lcm; `infer`: any).
 
     python client/triton_grpc.py --url 127.0.0.1:8001 --prompt "a black cat" --out cat.png
     python client/triton_grpc.py --image in.png --mask mask.png --strength 0.8 --out inpainted.png
@@ -41,7 +41,6 @@ async def generate(
 ) -> dict:
     """`image` (H, W, 3) uint8 makes it image-to-image, with `mask` (H, W) uint8 (white = fill)
     inpainting; width / height None then take the image's size."""
-    client = grpcclient.InferenceServerClient(url=url)
     inputs = [
         _input("PROMPT", np.array([[prompt.encode()]], dtype=np.object_)),
         _input("SEED", np.array([[seed]], dtype=np.int64)),
@@ -60,25 +59,48 @@ async def generate(
         ]
     if mask is not None:
         inputs.append(_input("MASK", np.ascontiguousarray(mask[None])))
+    out = await infer(url, "lcm", inputs, request_id=f"grpc-{seed}")
+    outputs = out.pop("outputs")
+    out["images"] = outputs["IMAGES"][0]  # (num_images, H, W, 3)
+    out["nsfw"] = outputs["NSFW"][0].tolist()
+    out["timings"] = json.loads(outputs["TIMINGS"].reshape(-1)[0])
+    return out
+
+
+async def infer(
+    url: str,
+    model: str,
+    inputs: dict[str, np.ndarray] | list[grpcclient.InferInput],
+    request_id: str = "grpc",
+) -> dict:
+    """One request to any of the five endpoint models (all decoupled, all with the same protocol): PROGRESS
+    [step, total] responses, LOG lines (lora, while a base model loads), then the one carrying IMAGES with
+    the rest of the model's outputs. `inputs`: name -> array with a leading batch dimension of 1 (what the
+    gateway's `Endpoint.to_triton` builds) or ready InferInputs. Returns {"progress", "log", "outputs"}."""
+    if isinstance(inputs, dict):
+        inputs = [_input(name, np.ascontiguousarray(value)) for name, value in inputs.items()]
+    client = grpcclient.InferenceServerClient(url=url)
 
     async def requests():
-        yield {"model_name": "lcm", "inputs": inputs, "request_id": f"grpc-{seed}"}
+        yield {"model_name": model, "inputs": inputs, "request_id": request_id}
 
-    out: dict = {"progress": []}
+    out: dict = {"progress": [], "log": []}
     try:
         async for result, error in client.stream_infer(inputs_iterator=requests()):
             if error is not None:
                 raise RuntimeError(error.message())
+            if result.get_output("IMAGES") is not None:
+                out["outputs"] = {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
+                break
             progress = result.as_numpy("PROGRESS")
             if progress is not None:
                 out["progress"].append(progress.reshape(-1).tolist())
-                continue
-            out["images"] = result.as_numpy("IMAGES")[0]  # (num_images, H, W, 3)
-            out["nsfw"] = result.as_numpy("NSFW")[0].tolist()
-            out["timings"] = json.loads(result.as_numpy("TIMINGS").reshape(-1)[0])
-            break
+            elif result.get_output("LOG") is not None:
+                out["log"].append(result.as_numpy("LOG").reshape(-1)[0].decode("utf-8", "replace"))
     finally:
         await client.close()
+    if "outputs" not in out:
+        raise RuntimeError(f"{model}: the response stream ended without a result")
     return out
 
 
@@ -101,8 +123,15 @@ def main() -> None:
         args.width, args.height = args.width or 512, args.height or 512
     out = asyncio.run(
         generate(
-            args.url, args.prompt, args.seed, args.steps, args.width, args.height,
-            image=image, mask=mask, strength=args.strength,
+            args.url,
+            args.prompt,
+            args.seed,
+            args.steps,
+            args.width,
+            args.height,
+            image=image,
+            mask=mask,
+            strength=args.strength,
         )
     )
     for step, total in out["progress"]:

@@ -4,11 +4,12 @@
 endpoint = "fal-ai/lcm"
 weights = "demo"
 
-prompt = "a black cat"
-width, height = 64, 64
-num_inference_steps = 2
-guidance_scale = 1.0
-num_images = 1
+arguments = {
+    "prompt": "a black cat",
+    "image_size": {"width": 64, "height": 64},
+    "num_inference_steps": 2,
+    "enable_safety_checks": False,
+}
 seed = 0
 
 paths = ("in_process", "diffusers")

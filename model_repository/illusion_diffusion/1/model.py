@@ -9,27 +9,15 @@ from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
 
-from ember.pipeline.illusion_diffusion import check_request, load_illusion_pipeline
-from ember.pipeline.illusion_io import INPUT_NAMES, IllusionDefaults, parse_illusion_request, result_arrays
-from ember.pipeline.lcm_io import progress_arrays
-from ember.pipeline.triton_serving import EndpointModel, execute
+from ember.pipeline.serving_models import endpoint_model
+from ember.pipeline.triton_serving import execute
 from ember.settings import get_settings
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        settings = get_settings()
-        width, height = settings.model_entry("illusion_diffusion", "sdv1-5").get("default_size", (1024, 1024))
-        self.model = EndpointModel(
-            name="illusion_diffusion",
-            input_names=INPUT_NAMES,
-            parse=parse_illusion_request,
-            check=check_request,
-            pipeline=load_illusion_pipeline(settings),
-            progress_arrays=progress_arrays,
-            result_arrays=result_arrays,
-            defaults=IllusionDefaults(width=int(width), height=int(height)),
-        )
+        # The launcher (make serve) has built the artifacts already; this only builds what is missing.
+        self.model = endpoint_model("illusion_diffusion", get_settings())
 
     def execute(self, requests: list) -> None:
         execute(pb_utils, self.model, requests)
