@@ -370,12 +370,15 @@ def measure_agreement(paths: Paths, preset: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for name in ("triton_grpc", "diffusers"):
         if name in paths.calls:
-            image = first_image(name, paths.calls[name](seed)).astype(np.int16)
+            output = paths.calls[name](seed)
+            image = first_image(name, output).astype(np.int16)
             if image.shape != reference.shape:
                 out[name] = {"shape": list(image.shape), "expected_shape": list(reference.shape)}
                 continue
             diff = np.abs(image - reference)
             out[name] = {"max_levels": int(diff.max()), "mean_levels": float(diff.mean())}
+            if name == "triton_grpc":  # the [step, total] progress responses the client got
+                out[name]["progress"] = output["progress"]
     return out
 
 

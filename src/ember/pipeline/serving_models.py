@@ -169,4 +169,4 @@ def endpoint_model(name: str, settings: Settings) -> EndpointModel:
         build = BUILDERS[name]
     except KeyError:
         raise ValueError(f"no endpoint model {name!r}; known: {sorted(BUILDERS)}") from None
-    return build(settings)
+    return dataclasses.replace(build(settings), progress_every_s=settings.progress_interval_ms / 1000)
