@@ -25,6 +25,13 @@ def _ms(seconds: float) -> str:
 def _request_line(request: dict[str, Any]) -> str:
     """A line like `1024x1024, 35 steps, guidance 4.5, scheduler DPM-SOLVER` from the request as parsed."""
     r = dict(request.get("resolved", {}))
+    if (
+        r.get("image") is None
+    ):  # text-to-image: the image-to-image fields its request class carries mean nothing
+        for name in ("image", "mask", "strength", "inpaint_mask_only", "controlnet_inpaint"):
+            r.pop(name, None)
+    if "style" in r or "second_stage_steps" in r:  # fal-ai/lcm's `model`, inherited by these request classes
+        r.pop("model", None)
     parts = []
     if "width" in r and "height" in r:
         parts.append(f"{r.pop('width')}x{r.pop('height')}")

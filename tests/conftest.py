@@ -17,6 +17,9 @@ from ember.serve import Stack, build_artifacts
 from ember.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
+# Every stack the tests start streams a progress response per denoising step, so tests can name the steps
+# they expect; the coalescing default (50 ms) is tested on its own stack (tests/benchmarks).
+os.environ.setdefault("EMBER_PROGRESS_INTERVAL_MS", "0")
 # The `receiver` fixture (a webhook receiver on 127.0.0.1).
 pytest_plugins = ["tests.webhook_receiver"]
 

@@ -98,11 +98,10 @@ class Settings:
     triton_grpc_port: int = 8001
     triton_metrics_port: int = 8002
     model_repository: Path = Path("model_repository")
-    # Progress responses of one request (log lines "step i/n", SSE progress events): 0 = every denoising
-    # step; N = its first and last steps and the others at most one per N ms. Each costs the Triton stub,
-    # server and client a message: ~1.7 ms per step on the 2-core CPU demo (benchmarks/NOTES.md), so
-    # CPU deployments of many-step endpoints gain from 50-100.
-    progress_interval_ms: int = 0
+    # Progress responses of one request (log lines "step i/n", SSE progress events): its first and last
+    # denoising steps, and the others at most one per this many ms (0: every step). Each costs the Triton
+    # stub, server and client a message: ~1.7 ms per step on the 2-core CPU demo (benchmarks/NOTES.md).
+    progress_interval_ms: int = 50
 
     # API key: when unset, a dev key is generated on first start into var/keys.
     api_key: str = ""
