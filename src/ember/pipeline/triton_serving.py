@@ -52,10 +52,12 @@ class Outbox:
     """Sends a model's decoupled responses from one background thread, in the order they were queued.
 
     `InferenceResponseSender.send` is a blocking round trip to the Triton server (shared-memory IPC): about 1 ms
-    per response measured on the CPU demo, paid once per denoising step while the step's networks wait. Queued
-    here, progress responses leave while the next step computes (the pattern of Triton's vLLM backend, which
-    sends from a separate thread). One queue per model keeps every request's responses in order: progress,
-    then its result or error with the FINAL flag."""
+    per response measured on the CPU demo. Queued here, progress responses leave while the next step computes
+    (the pattern of Triton's vLLM backend, which sends from a separate thread), so on a GPU host with spare
+    cores the denoising loop never stalls its kernel launches on IPC. On the 2-core CPU demo it gains nothing
+    measurable (the cores are busy either way; fewer responses is what helps there: `progress_every_s`).
+    One queue per model keeps every request's responses in order: progress, then its result or error with
+    the FINAL flag."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[Any, Any, Any, int]] = queue.SimpleQueue()
