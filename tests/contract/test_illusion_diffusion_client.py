@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from tests.contract.status_logs import log_messages
+
 pytestmark = pytest.mark.e2e
 
 ENDPOINT = "fal-ai/illusion-diffusion"
@@ -75,7 +77,7 @@ def test_seed_example_40_steps(fal_client: ModuleType, client_env) -> None:
     downloaded = _download(image["url"], client_env["SSL_CERT_FILE"])
     assert downloaded.size == (128, 128) and downloaded.format == "PNG"
     assert image["file_size"] > 0 and isinstance(result["seed"], int)
-    messages = [log["message"] for u in updates if isinstance(u, fal_client.InProgress) for log in (u.logs or [])]
+    messages = log_messages(fal_client, updates)
     # Per-step progress reached the client as logs (which steps depends on when the client polled).
     assert any(m.startswith("step ") and m.endswith("/40") for m in messages), messages
 

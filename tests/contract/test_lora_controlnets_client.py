@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from ember.settings import Settings
+from tests.contract.status_logs import log_messages
 
 pytestmark = pytest.mark.e2e
 
@@ -88,9 +89,7 @@ def test_controlnets_through_fal_client(fal_client: ModuleType, client_env, mode
     assert a.shape == b.shape == c.shape == (64, 96, 3)
     assert (controlled["images"][0]["width"], controlled["images"][0]["height"]) == (96, 64)
     assert not np.array_equal(a, c) and not np.array_equal(a, b)
-    messages = [
-        log["message"] for u in updates if isinstance(u, fal_client.InProgress) for log in (u.logs or [])
-    ]
+    messages = log_messages(fal_client, updates)
     assert any(m.startswith("loading ControlNet") for m in messages), messages  # first use, logged
 
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from ember.settings import Settings
+from tests.contract.status_logs import log_messages
 
 pytestmark = pytest.mark.e2e
 
@@ -97,9 +98,7 @@ def test_seed_example_through_fal_client(fal_client: ModuleType, client_env, fir
     # Always serialized, null when not requested (older schemas optional, newer required).
     assert "debug_latents" in result and result["debug_latents"] is None
     assert "debug_per_pass_latents" in result and result["debug_per_pass_latents"] is None
-    messages = [
-        log["message"] for u in updates if isinstance(u, fal_client.InProgress) for log in (u.logs or [])
-    ]
+    messages = log_messages(fal_client, updates)
     assert any("/" in m and "step" in m.lower() for m in messages), messages
     # The base model loaded on this first request, and its status logs said so (LOG responses -> log lines).
     assert any(m.startswith("loading base model") for m in messages), messages

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from ember.pipeline.base_models import CONFIGS_SUBDIR
 from ember.settings import Settings
 from tests.contract.conftest import static_server
+from tests.contract.status_logs import log_messages
 from tests.single_file_checkpoint import to_single_file, to_single_file_xl
 
 pytestmark = pytest.mark.e2e
@@ -83,9 +84,7 @@ def test_single_file_checkpoint_url(fal_client: ModuleType, client_env, served: 
         with_logs=True,
         on_queue_update=updates.append,
     )
-    messages = [
-        log["message"] for u in updates if isinstance(u, fal_client.InProgress) for log in (u.logs or [])
-    ]
+    messages = log_messages(fal_client, updates)
     # The first request on this checkpoint converted it; its status logs said so.
     assert any(m.startswith(("loading base model", "converting single-file")) for m in messages), messages
     from_dir = fal_client.run(ENDPOINT, arguments={**args, "model_name": directory})

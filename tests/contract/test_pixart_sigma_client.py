@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.contract.status_logs import log_messages
+
 pytestmark = pytest.mark.e2e
 
 ENDPOINT = "fal-ai/pixart-sigma"
@@ -59,9 +61,7 @@ def test_seed_example_returns_a_1024_png_with_progress(fal_client: ModuleType, c
     assert result["has_nsfw_concepts"] == [False]
     assert result["prompt"] == SEED_EXAMPLE["prompt"]
     assert result["timings"] and all(isinstance(v, float) for v in result["timings"].values())
-    messages = [
-        log["message"] for u in updates if isinstance(u, fal_client.InProgress) for log in (u.logs or [])
-    ]
+    messages = log_messages(fal_client, updates)
     assert any("35/35" in m for m in messages), messages
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.contract.status_logs import log_messages
+
 pytestmark = pytest.mark.e2e
 
 ENDPOINT = "fal-ai/lcm"
@@ -43,8 +45,7 @@ def test_subscribe_with_logs_returns_a_downloadable_512_image(fal_client: Module
     assert result["nsfw_content_detected"] == [False]
     assert result["timings"] and all(isinstance(v, float) for v in result["timings"].values())
     # Per-step progress reached the client as logs.
-    in_progress = [u for u in updates if isinstance(u, fal_client.InProgress)]
-    messages = [log["message"] for u in in_progress for log in (u.logs or [])]
+    messages = log_messages(fal_client, updates)
     assert any("4/4" in m for m in messages), messages
 
 

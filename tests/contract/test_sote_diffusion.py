@@ -21,6 +21,8 @@ import tritonclient.grpc.aio as grpcclient
 from PIL import Image
 from tritonclient.utils import np_to_triton_dtype
 
+from tests.contract.status_logs import log_messages
+
 pytestmark = pytest.mark.e2e
 
 ENDPOINT = "fal-ai/stable-cascade/sote-diffusion"
@@ -58,9 +60,7 @@ def test_seed_document_example_payload(fal_client: ModuleType, client_env) -> No
     assert result["has_nsfw_concepts"] == [False]  # the checker ran (tiny random weights flag nothing)
     assert {"prior", "decoder", "decode", "safety", "total"} <= set(result["timings"])
     # Progress counts both stages: 25 + 10 = 35 steps.
-    messages = [
-        log["message"] for u in updates if isinstance(u, fal_client.InProgress) for log in (u.logs or [])
-    ]
+    messages = log_messages(fal_client, updates)
     assert any("35/35" in m for m in messages), messages
     assert elapsed < 120, f"the example payload took {elapsed:.0f} s"
 
