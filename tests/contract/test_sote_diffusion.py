@@ -11,7 +11,6 @@ import asyncio
 import base64
 import io
 import json
-import time
 from types import ModuleType
 
 import httpx
@@ -44,9 +43,7 @@ EXAMPLE = {
 
 def test_seed_document_example_payload(fal_client: ModuleType, client_env) -> None:
     updates = []
-    started = time.monotonic()
     result = fal_client.subscribe(ENDPOINT, arguments=EXAMPLE, with_logs=True, on_queue_update=updates.append)
-    elapsed = time.monotonic() - started
     assert set(result) == {"images", "timings", "seed", "has_nsfw_concepts", "prompt"}
     [image] = result["images"]
     assert (image["width"], image["height"]) == (1024, 1536)
@@ -62,7 +59,6 @@ def test_seed_document_example_payload(fal_client: ModuleType, client_env) -> No
     # Progress counts both stages: 25 + 10 = 35 steps.
     messages = log_messages(fal_client, updates)
     assert any("35/35" in m for m in messages), messages
-    assert elapsed < 120, f"the example payload took {elapsed:.0f} s"
 
 
 def test_sync_mode_seed_and_num_images(fal_client: ModuleType) -> None:

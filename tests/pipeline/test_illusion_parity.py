@@ -4,7 +4,6 @@ and seed, for both of fal's samplers; ControlNet scale and start/end honoured; b
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import numpy as np
@@ -210,9 +209,7 @@ def test_progress_and_cancel(illusion_ort: IllusionPipeline) -> None:
     steps: list[tuple[int, int, int]] = []
     calls = iter(range(100))
     cancelled = dataclasses.replace(BASE, seed=3, is_cancelled=lambda: next(calls) >= 2)
-    start = time.perf_counter()
     done, stopped = illusion_ort([BASE, cancelled], on_step=lambda *s: steps.append(s))
-    assert time.perf_counter() - start < 60
     assert stopped.cancelled and stopped.image is None and done.image is not None
     assert [s for s in steps if s[0] == 0] == [(0, i, 4) for i in range(1, 5)]
     assert [s for s in steps if s[0] == 1] == [(1, 1, 4), (1, 2, 4)]
