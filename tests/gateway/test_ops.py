@@ -97,7 +97,10 @@ async def test_readiness_drops_first_on_shutdown(tmp_path: Path) -> None:
     async with client(apps.run, RUN_BASE) as c, client(apps.queue, QUEUE_BASE) as q:
         assert (await c.get("/ready")).status_code == 200
         rid = (await q.post("/fal-ai/lcm", json={"prompt": "a", "num_inference_steps": 5})).json()["request_id"]
-        await asyncio.sleep(0.15)
+        for _ in range(200):  # shut down only once the job runs: a queued one would (rightly) stay queued
+            if (await q.get(f"/fal-ai/lcm/requests/{rid}/status")).json()["status"] == "IN_PROGRESS":
+                break
+            await asyncio.sleep(0.01)
         closing = asyncio.create_task(state.close(drain_timeout=5.0))
         await asyncio.sleep(0.05)
         r = await c.get("/ready")

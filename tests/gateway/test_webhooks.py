@@ -78,7 +78,8 @@ async def test_error_delivery_and_retries_with_back_off(tmp_path: Path, receiver
     assert bodies[0]["status"] == "ERROR" and bodies[0]["error"] == "Invalid status code: 422"
     assert bodies[0]["payload"]["detail"][0]["loc"] == ["body"] and bodies[0]["request_id"] == rid
     times = [t for _, _, t in receiver.seen]
-    assert times[2] - times[1] >= times[1] - times[0] >= 0.04  # 0.05 s, then 0.1 s
+    # The back-off doubles: a retry is sent at least 0.05 s, then 0.1 s, after the failure was answered.
+    assert times[1] - times[0] >= 0.045 and times[2] - times[1] >= 0.095
     assert await _rows(tmp_path) == [("delivered", 3)]
 
 
