@@ -11,6 +11,8 @@ from typing import Any
 
 import httpx
 
+from ember.gateway.jobs import Job, JobStore
+from ember.gateway.run_api import progress_events
 from tests.gateway.conftest import FakeBackend, live_gateway
 
 SMALL = {"prompt": "a cat", "image_size": {"width": 64, "height": 48}, "seed": 5}
@@ -38,6 +40,32 @@ async def test_run_stream_sends_progress_then_the_output(tmp_path: Path) -> None
     final = events[-1]
     assert final["seed"] == 5 and final["images"][0]["width"] == 64
     assert set(final) == {"images", "timings", "seed", "num_inference_steps", "request_id", "nsfw_content_detected"}
+
+
+async def test_a_stream_that_falls_behind_still_gets_every_step(tmp_path: Path) -> None:
+    # What the stream sends when it next looks at a job that logged a line and two steps since its last
+    # event, then a third step and a line after it.
+    store = await JobStore.open(tmp_path / "jobs.sqlite3")
+    job = Job(id="s1", endpoint_id="fal-ai/lcm", subpath="", mode="run", input={"prompt": "x"}, seed=1)
+    try:
+        await store.add(job)
+        await store.start(job)
+        store.log(job, "loading")
+        assert progress_events(job, 0) == [{"status": "IN_PROGRESS", "request_id": "s1",
+                                            "logs": job.logs[:1]}]  # no step yet: no progress
+        store.progress(job, 1, 3)
+        store.log(job, "between")
+        store.progress(job, 2, 3)
+        behind = progress_events(job, 1)
+        store.progress(job, 3, 3)
+        store.log(job, "decoding")
+        last = progress_events(job, len(job.logs) - 2)
+    finally:
+        await store.close()
+    assert [(e["progress"]["step"], [line["message"] for line in e["logs"]]) for e in behind] == [
+        (1, ["step 1/3"]), (2, ["between", "step 2/3"])]
+    assert [(e["progress"]["step"], [line["message"] for line in e["logs"]]) for e in last] == [
+        (3, ["step 3/3"]), (3, ["decoding"])]
 
 
 async def test_run_stream_errors_before_and_after_the_stream_starts(tmp_path: Path) -> None:

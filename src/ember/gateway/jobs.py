@@ -81,6 +81,9 @@ class Job:
     error: ApiError | None = None
     # (step, total) of the running attempt; in memory only (the SSE stream reads it).
     progress: tuple[int, int] | None = field(default=None, compare=False)
+    # Every step reported, as (len(logs) once its line was logged, step, total): a stream that falls behind
+    # still sends one event per step. In memory only.
+    steps: list[tuple[int, int, int]] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def app(self) -> str:
@@ -277,7 +280,9 @@ class JobStore:
 
     def progress(self, job: Job, step: int, total: int) -> None:
         job.progress = (step, total)
-        self.log(job, f"step {step}/{total}")
+        job.logs.append(log_entry(f"step {step}/{total}"))
+        job.steps.append((len(job.logs), step, total))
+        self._changed(job)
 
     async def requeue(self, job: Job, reason: str, count_attempt: bool = True) -> None:
         job.status = Status.IN_QUEUE

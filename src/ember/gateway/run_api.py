@@ -6,7 +6,9 @@ handler only waits for it, or watches it. If the caller hangs up first, the job 
 
 Stream events (`data: <json>`), in order:
 - while queued: `{"status": "IN_QUEUE", "request_id", "queue_position"}` (once);
-- per step: `{"status": "IN_PROGRESS", "request_id", "progress": {"step", "total"}, "logs": [new lines]}`;
+- per step: `{"status": "IN_PROGRESS", "request_id", "progress": {"step", "total"}, "logs": [new lines]}`,
+  one event for every step the model reported, even when several land while the caller is slow to read;
+  log lines logged between steps come in the next step's event, or in an event of their own;
 - last: the output JSON itself, exactly what a sync run answers, so JS `done()` and the last event of
   PY `fal_client.stream` are the result; or, if the job failed, its error body (`detail`,
   `error_type`, `message`) plus `"status_code"`. Errors found before the job is accepted (422, 401,
@@ -86,6 +88,24 @@ def final_event(job: Job) -> dict[str, Any] | Any:
     return json.loads(job.result or "null")
 
 
+def progress_events(job: Job, sent_logs: int) -> list[dict[str, Any]]:
+    """IN_PROGRESS events for the log lines from `sent_logs` on: one per step logged there (with the lines
+    up to its own), then one for any lines after the last step (with the current progress)."""
+    events: list[dict[str, Any]] = []
+    start = sent_logs
+    for logged, step, total in job.steps:
+        if logged > start:
+            events.append({"status": "IN_PROGRESS", "request_id": job.id, "logs": job.logs[start:logged],
+                           "progress": {"step": step, "total": total}})
+            start = logged
+    if start < len(job.logs):
+        event: dict[str, Any] = {"status": "IN_PROGRESS", "request_id": job.id, "logs": job.logs[start:]}
+        if job.progress is not None:
+            event["progress"] = {"step": job.progress[0], "total": job.progress[1]}
+        events.append(event)
+    return events
+
+
 async def job_events(state: GatewayState, job: Job) -> AsyncIterator[bytes]:
     """The stream events of `job` until it completes (see the module docstring)."""
     sent_logs = 0
@@ -101,13 +121,9 @@ async def job_events(state: GatewayState, job: Job) -> AsyncIterator[bytes]:
                 yield sse_event({"status": "IN_QUEUE", "request_id": job.id,
                                  "queue_position": state.worker.position(job)})
             elif job.status is Status.IN_PROGRESS and len(job.logs) != sent_logs:
-                sent_logs = min(sent_logs, len(job.logs))
-                event: dict[str, Any] = {"status": "IN_PROGRESS", "request_id": job.id,
-                                         "logs": job.logs[sent_logs:]}
-                if job.progress is not None:
-                    event["progress"] = {"step": job.progress[0], "total": job.progress[1]}
+                for event in progress_events(job, sent_logs):
+                    yield sse_event(event)
                 sent_logs = len(job.logs)
-                yield sse_event(event)
             try:
                 await asyncio.wait_for(changed.wait(), SSE_KEEPALIVE_S)
             except TimeoutError:
