@@ -60,12 +60,14 @@ async def test_a_stream_that_falls_behind_still_gets_every_step(tmp_path: Path) 
         store.progress(job, 3, 3)
         store.log(job, "decoding")
         last = progress_events(job, len(job.logs) - 2)
+        at_completion = progress_events(job, len(job.logs) - 2, steps_only=True)  # the final event follows
     finally:
         await store.close()
     assert [(e["progress"]["step"], [line["message"] for line in e["logs"]]) for e in behind] == [
         (1, ["step 1/3"]), (2, ["between", "step 2/3"])]
     assert [(e["progress"]["step"], [line["message"] for line in e["logs"]]) for e in last] == [
         (3, ["step 3/3"]), (3, ["decoding"])]
+    assert at_completion == last[:1]
 
 
 async def test_run_stream_errors_before_and_after_the_stream_starts(tmp_path: Path) -> None:

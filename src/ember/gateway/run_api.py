@@ -7,8 +7,9 @@ handler only waits for it, or watches it. If the caller hangs up first, the job 
 Stream events (`data: <json>`), in order:
 - while queued: `{"status": "IN_QUEUE", "request_id", "queue_position"}` (once);
 - per step: `{"status": "IN_PROGRESS", "request_id", "progress": {"step", "total"}, "logs": [new lines]}`,
-  one event for every step the model reported, even when several land while the caller is slow to read;
-  log lines logged between steps come in the next step's event, or in an event of their own;
+  one event for every step the model reported, even when several land while the caller is slow to read
+  or the job completes first; log lines logged between steps come in the next step's event, or in an
+  event of their own;
 - last: the output JSON itself, exactly what a sync run answers, so JS `done()` and the last event of
   PY `fal_client.stream` are the result; or, if the job failed, its error body (`detail`,
   `error_type`, `message`) plus `"status_code"`. Errors found before the job is accepted (422, 401,
@@ -88,9 +89,10 @@ def final_event(job: Job) -> dict[str, Any] | Any:
     return json.loads(job.result or "null")
 
 
-def progress_events(job: Job, sent_logs: int) -> list[dict[str, Any]]:
+def progress_events(job: Job, sent_logs: int, steps_only: bool = False) -> list[dict[str, Any]]:
     """IN_PROGRESS events for the log lines from `sent_logs` on: one per step logged there (with the lines
-    up to its own), then one for any lines after the last step (with the current progress)."""
+    up to its own), then, unless `steps_only`, one for any lines after the last step (with the current
+    progress)."""
     events: list[dict[str, Any]] = []
     start = sent_logs
     for logged, step, total in job.steps:
@@ -98,7 +100,7 @@ def progress_events(job: Job, sent_logs: int) -> list[dict[str, Any]]:
             events.append({"status": "IN_PROGRESS", "request_id": job.id, "logs": job.logs[start:logged],
                            "progress": {"step": step, "total": total}})
             start = logged
-    if start < len(job.logs):
+    if start < len(job.logs) and not steps_only:
         event: dict[str, Any] = {"status": "IN_PROGRESS", "request_id": job.id, "logs": job.logs[start:]}
         if job.progress is not None:
             event["progress"] = {"step": job.progress[0], "total": job.progress[1]}
@@ -113,6 +115,8 @@ async def job_events(state: GatewayState, job: Job) -> AsyncIterator[bytes]:
     try:
         while True:
             if job.status is Status.COMPLETED:  # final: no change event needed (none is left behind)
+                for event in progress_events(job, sent_logs, steps_only=True):  # steps it ran past
+                    yield sse_event(event)
                 yield sse_event(final_event(job))
                 return
             changed = state.jobs.change_event(job.id)
