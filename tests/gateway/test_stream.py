@@ -12,8 +12,9 @@ from typing import Any
 import httpx
 
 from ember.gateway.jobs import Job, JobStore
-from ember.gateway.run_api import progress_events
-from tests.gateway.conftest import FakeBackend, live_gateway
+from ember.gateway.run_api import job_events, progress_events
+from ember.gateway.state import GatewayState
+from tests.gateway.conftest import FakeBackend, live_gateway, make_settings
 
 SMALL = {"prompt": "a cat", "image_size": {"width": 64, "height": 48}, "seed": 5}
 
@@ -68,6 +69,25 @@ async def test_a_stream_that_falls_behind_still_gets_every_step(tmp_path: Path) 
     assert [(e["progress"]["step"], [line["message"] for line in e["logs"]]) for e in last] == [
         (3, ["step 3/3"]), (3, ["decoding"])]
     assert at_completion == last[:1]
+
+
+async def test_a_stream_that_first_looks_after_completion_gets_the_steps_then_the_output(tmp_path: Path) -> None:
+    state = await GatewayState.open(make_settings(tmp_path / "var"), FakeBackend(), start_worker=False)
+    job = Job(id="s2", endpoint_id="fal-ai/lcm", subpath="", mode="run", input={"prompt": "x"}, seed=1)
+    try:
+        await state.jobs.add(job)
+        await state.jobs.start(job)
+        state.jobs.progress(job, 1, 2)
+        state.jobs.progress(job, 2, 2)
+        await state.jobs.finish(job, result='{"images": []}')
+        events = [json.loads(chunk.removeprefix(b"data: ")) async for chunk in job_events(state, job)]
+    finally:
+        await state.close(1.0)
+    assert events == [
+        {"status": "IN_PROGRESS", "request_id": "s2", "logs": job.logs[:1], "progress": {"step": 1, "total": 2}},
+        {"status": "IN_PROGRESS", "request_id": "s2", "logs": job.logs[1:2], "progress": {"step": 2, "total": 2}},
+        {"images": []},
+    ]
 
 
 async def test_run_stream_errors_before_and_after_the_stream_starts(tmp_path: Path) -> None:

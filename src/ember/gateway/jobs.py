@@ -79,11 +79,14 @@ class Job:
     # The output JSON text, exactly as answered.
     result: str | None = None
     error: ApiError | None = None
-    # (step, total) of the running attempt; in memory only (the SSE stream reads it).
-    progress: tuple[int, int] | None = field(default=None, compare=False)
-    # Every step reported, as (len(logs) once its line was logged, step, total): a stream that falls behind
-    # still sends one event per step. In memory only.
+    # The running attempt's steps, as (len(logs) once its line was logged, step, total): a stream that falls
+    # behind still sends one event per step. In memory only.
     steps: list[tuple[int, int, int]] = field(default_factory=list, compare=False, repr=False)
+
+    @property
+    def progress(self) -> tuple[int, int] | None:
+        """(step, total) of the running attempt's last step."""
+        return self.steps[-1][1:] if self.steps else None
 
     @property
     def app(self) -> str:
@@ -267,7 +270,7 @@ class JobStore:
         job.status = Status.IN_PROGRESS
         job.attempts += 1
         job.started_at = time.time()
-        job.progress = None
+        job.steps.clear()
         if job.attempts > 1:
             self.log(job, f"attempt {job.attempts}")
         await self._write(job)
@@ -279,15 +282,13 @@ class JobStore:
         self._changed(job)
 
     def progress(self, job: Job, step: int, total: int) -> None:
-        job.progress = (step, total)
-        job.logs.append(log_entry(f"step {step}/{total}"))
-        job.steps.append((len(job.logs), step, total))
-        self._changed(job)
+        self.log(job, f"step {step}/{total}")
+        job.steps.append((len(job.logs), step, total))  # before the stream, woken by log(), next runs
 
     async def requeue(self, job: Job, reason: str, count_attempt: bool = True) -> None:
         job.status = Status.IN_QUEUE
         job.started_at = None
-        job.progress = None
+        job.steps.clear()
         if not count_attempt:
             job.attempts = max(0, job.attempts - 1)
         self.log(job, f"back in the queue: {reason}", "WARN")
